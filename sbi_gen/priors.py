@@ -17,10 +17,12 @@ Example:
 
 from __future__ import annotations
 
+import abc
 import json
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.distributions import (
@@ -69,7 +71,7 @@ def _units(units: Sequence[str] | None, dim: int) -> list[str]:
     return units
 
 
-class Prior(Distribution):
+class Prior(Distribution, abc.ABC):
     """Base of all priors: a distribution over ``(*, D)`` with names, units and a bijection.
 
     Subclasses set ``names``, ``units``, implement ``sample``, ``log_prob``, ``support``,
@@ -99,8 +101,13 @@ class Prior(Distribution):
         """Bijection from unconstrained :math:`\\mathbb{R}^D` onto the support."""
         return biject_to(self.support)
 
+    @abc.abstractmethod
     def to_dict(self) -> dict[str, Any]:
-        raise NotImplementedError  # every concrete prior below defines it
+        """JSON-serializable description; :func:`prior_from_dict` rebuilds the prior."""
+
+    @abc.abstractmethod
+    def sample_numpy(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        """``n`` draws as a float64 array ``(n, D)`` from a numpy generator (used for reproducible runs)."""
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict())
@@ -157,6 +164,10 @@ class BoxUniform(Prior):
         shape = torch.Size(sample_shape) + self.event_shape
         u = torch.rand(shape, dtype=self.low.dtype)
         return self.low + (self.high - self.low) * u
+
+    def sample_numpy(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        low, high = self.low.double().numpy(), self.high.double().numpy()
+        return low + (high - low) * rng.random((n, self.dim))
 
     def log_prob(self, value: Tensor) -> Tensor:
         value = torch.as_tensor(value, dtype=self.low.dtype)
@@ -235,6 +246,10 @@ class Gaussian(Prior):
     def sample(self, sample_shape: torch.Size | Sequence[int] = torch.Size()) -> Tensor:
         return self._mvn.sample(torch.Size(sample_shape))
 
+    def sample_numpy(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        cholesky = torch.linalg.cholesky(self.covariance.double()).numpy()
+        return self.loc.double().numpy() + rng.standard_normal((n, self.dim)) @ cholesky.T
+
     def log_prob(self, value: Tensor) -> Tensor:
         return self._mvn.log_prob(torch.as_tensor(value, dtype=self.loc.dtype))
 
@@ -308,6 +323,23 @@ class IndependentPrior(Prior):
     def sample(self, sample_shape: torch.Size | Sequence[int] = torch.Size()) -> Tensor:
         return torch.stack([f.sample(torch.Size(sample_shape)) for f in self.factors], dim=-1)
 
+    def sample_numpy(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        columns = []
+        for factor in self.factors:
+            kind = type(factor).__name__
+            a = [float(getattr(factor, arg)) for arg in _UNIVARIATE[kind][1]]
+            draw = {
+                "Uniform": lambda a: rng.uniform(a[0], a[1], n),
+                "Normal": lambda a: rng.normal(a[0], a[1], n),
+                "LogNormal": lambda a: rng.lognormal(a[0], a[1], n),
+                "HalfNormal": lambda a: np.abs(rng.normal(0.0, a[0], n)),
+                "Gamma": lambda a: rng.gamma(a[0], 1.0 / a[1], n),
+                "Beta": lambda a: rng.beta(a[0], a[1], n),
+                "Exponential": lambda a: rng.exponential(1.0 / a[0], n),
+            }[kind]
+            columns.append(draw(a))
+        return np.stack(columns, axis=-1)
+
     def log_prob(self, value: Tensor) -> Tensor:
         value = torch.as_tensor(value, dtype=torch.get_default_dtype())
         total = torch.zeros(value.shape[:-1], dtype=value.dtype)
@@ -359,18 +391,23 @@ def prior_from_json(text: str) -> Prior:
     return prior_from_dict(json.loads(text))
 
 
-def sample_prior(prior: Distribution, n: int, seed: int | Sequence[int]) -> Tensor:
+def sample_prior(prior: Distribution, n: int, seed: int | Sequence[int] | np.random.SeedSequence) -> Tensor:
     """Draw ``n`` samples from ``prior`` reproducibly, without touching the global torch RNG.
 
-    ``seed`` is an int or a sequence of ints (e.g. ``SeedSequence.generate_state(2)``).
+    ``seed`` is an int, a sequence of ints or a :class:`numpy.random.SeedSequence`. The priors
+    of this module draw from a numpy generator with the full entropy of the seed. Any other
+    torch distribution is sampled under a forked torch generator, whose seed torch reduces
+    to 32 bits (so distinct seeds may, rarely, give the same draws).
 
     Example:
         >>> prior = BoxUniform([0.0], [1.0])
         >>> torch.equal(sample_prior(prior, 3, 7), sample_prior(prior, 3, 7))
         True
     """
-    if not isinstance(seed, int):
-        seed = int.from_bytes(b"".join(int(s).to_bytes(4, "little") for s in seed), "little") % (2**63)
+    seed_sequence = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(seed)
+    if isinstance(prior, Prior):
+        draws = prior.sample_numpy(n, np.random.default_rng(seed_sequence))
+        return torch.as_tensor(draws, dtype=torch.get_default_dtype())
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.manual_seed(int(seed_sequence.generate_state(1, np.uint32)[0]))
         return prior.sample((n,))

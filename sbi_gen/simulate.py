@@ -24,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import abc
 import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -44,7 +45,7 @@ __all__ = [
 ]
 
 
-class Simulator:
+class Simulator(abc.ABC):
     """Base of the built-in simulators (user code may duck-type the same attributes).
 
     Subclasses set the class attributes and implement :meth:`simulate`; :meth:`config`
@@ -62,8 +63,9 @@ class Simulator:
     def config(self) -> dict[str, Any]:
         return {}
 
+    @abc.abstractmethod
     def simulate(self, theta: np.ndarray, rng: np.random.Generator) -> dict[str, Any]:
-        raise NotImplementedError(f"{type(self).__name__} must implement simulate(theta, rng)")
+        """Simulate a batch: ``theta`` (n, D) → ``{"x": (n, *observable_shape), ...}``."""
 
     def __call__(self, theta: np.ndarray, seed: int | np.random.Generator | None = None) -> dict[str, Any]:
         rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
@@ -209,7 +211,7 @@ def run_chunk(simulator: Any, prior: Any, n: int, seed_sequence: np.random.SeedS
     invalid (x = NaN) and the first error message is kept. Non-finite x is marked invalid.
     """
     prior_seed, sim_seed = seed_sequence.spawn(2)
-    theta = sample_prior(prior, n, prior_seed.generate_state(2).tolist()).detach().cpu().numpy()
+    theta = sample_prior(prior, n, prior_seed).detach().cpu().numpy()
     theta64 = theta.astype(np.float64)
     first_error = ""
     n_failed = 0

@@ -1,0 +1,701 @@
+r"""Vectorized MCMC on torch tensors, for sampling NLE posteriors :math:`p(\theta|x)`.
+
+All chains step at once: every potential call evaluates a batch of chains, and the only
+Python loops are over MCMC steps (and, inside a step, over directions, stepping-out and
+shrinkage rounds). A *potential* here is a log density (up to a constant) mapping
+``(N, D) -> (N,)`` for any batch size ``N``; it may return ``-inf`` (NaN counts as ``-inf``).
+
+Samplers share one signature, ``sampler(potential, init, n_steps, *, warmup, adapt,
+generator, info, **options) -> Tensor (n_steps, C, D)``:
+
+* :func:`slice_sample` -- slice sampling (stepping-out and shrinkage, Neal 2003) along the
+  columns of a linear frame, one sweep over all ``D`` directions per step. During warm-up the
+  frame is re-estimated from the chain ensemble (Cholesky factor of the pooled covariance),
+  so a correlated, badly scaled Gaussian becomes coordinate-wise independent.
+* :func:`hmc_sample` -- Hamiltonian Monte Carlo with autograd gradients, a dense metric
+  adapted the same way and dual-averaging step size adaptation (Hoffman & Gelman 2014).
+
+:func:`run_mcmc` wraps them for a constrained-space log density and a prior: it samples in
+the prior's unconstrained space, starts chains by sampling-importance-resampling
+(:func:`sir_init`) from prior draws, and reports rank-normalized split-:math:`\hat R`
+(:func:`rhat`) and bulk effective sample size (:func:`ess`).
+
+Example:
+    >>> from sbi_gen.priors import BoxUniform
+    >>> prior = BoxUniform([-3.0, -3.0], [3.0, 3.0])
+    >>> def log_prob(theta):  # unnormalized posterior in constrained space
+    ...     return -0.5 * (theta**2).sum(-1) + prior.log_prob(theta)
+    >>> result = run_mcmc(log_prob, prior, 1000, seed=0)
+    >>> result.samples.shape
+    torch.Size([1000, 2])
+    >>> bool(result.rhat.max() < 1.05)
+    True
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.stats import rankdata
+from torch import Tensor
+from torch.distributions import Distribution
+
+__all__ = [
+    "SAMPLERS",
+    "MCMCResult",
+    "ess",
+    "hmc_sample",
+    "rhat",
+    "run_mcmc",
+    "sir_init",
+    "slice_sample",
+]
+
+Potential = Callable[[Tensor], Tensor]
+
+# Width of a slice-sampling interval, in standard deviations along a frame direction, once
+# the frame has been adapted (about the width of a typical Gaussian slice; see run_mcmc).
+_ADAPTED_WIDTH = 3.0
+# Dual averaging constants of Hoffman & Gelman (2014), as in Stan.
+_DA_GAMMA, _DA_T0, _DA_KAPPA = 0.05, 10.0, 0.75
+
+
+def _evaluate(potential: Potential, x: Tensor, counter: dict[str, int] | None = None) -> Tensor:
+    """Call ``potential`` on ``(N, D)``, check it returns ``(N,)`` and map NaN to ``-inf``."""
+    out = potential(x)
+    if not isinstance(out, Tensor) or out.shape != x.shape[:1]:
+        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ValueError(f"the potential must map (N, D) to (N,); got {shape} for input {tuple(x.shape)}")
+    if counter is not None:
+        counter["n_evals"] = counter.get("n_evals", 0) + x.shape[0]
+    out = out.to(x.dtype)
+    return torch.where(torch.isnan(out), torch.full_like(out, -torch.inf), out)
+
+
+def _value_and_grad(potential: Potential, x: Tensor, counter: dict[str, int]) -> tuple[Tensor, Tensor]:
+    """Potential ``(N,)`` and its gradient ``(N, D)`` at ``x`` (non-finite where undefined)."""
+    with torch.enable_grad():
+        x = x.detach().requires_grad_(True)
+        value = _evaluate(potential, x, counter)
+        (grad,) = torch.autograd.grad(value.sum(), x)
+    return value.detach(), grad
+
+
+def _check_init(init: Tensor, n_steps: int, warmup: int) -> Tensor:
+    if init.ndim != 2:
+        raise ValueError(f"init must have shape (C, D), got {tuple(init.shape)}")
+    if n_steps < 1 or warmup < 0:
+        raise ValueError(f"need n_steps >= 1 and warmup >= 0, got {n_steps} and {warmup}")
+    if not torch.is_floating_point(init):
+        init = init.to(torch.get_default_dtype())
+    return init.detach().clone()
+
+
+def _adaptation_steps(warmup: int) -> list[int]:
+    """Warm-up steps after which the frame is re-estimated: ``warmup`` / 8, / 4 and / 2.
+
+    Each estimate pools all chains over the second half of the window since the previous one;
+    the last half of warm-up runs with the final frame (HMC tunes its step size there).
+    """
+    return sorted({s for s in (warmup // 8, warmup // 4, warmup // 2) if s >= 8})
+
+
+def _estimate_frame(states: Tensor) -> Tensor:
+    """Lower Cholesky factor ``(D, D)`` of the covariance of ``states (N, D)``, regularized.
+
+    Falls back to the diagonal (standard deviations) if the covariance is not positive definite.
+    """
+    states = states.to(torch.float64)
+    n, dim = states.shape
+    cov = torch.cov(states.T).reshape(dim, dim)
+    diag = torch.diagonal(cov).clamp_min(1e-12)
+    # Shrink towards the diagonal a little (as Stan shrinks towards a multiple of the identity).
+    cov = n / (n + 5.0) * cov + 5.0 / (n + 5.0) * torch.diag(diag)
+    cov = cov + 1e-10 * torch.diag(diag)
+    factor, error = torch.linalg.cholesky_ex(cov)
+    if error.item() != 0 or not torch.isfinite(factor).all():
+        factor = torch.diag(diag.sqrt())
+    return factor
+
+
+def _slice_update(
+    potential: Potential,
+    x: Tensor,
+    logp: Tensor,
+    direction: Tensor,
+    max_expansions: int,
+    max_shrinks: int,
+    generator: torch.Generator | None,
+    counter: dict[str, int],
+) -> tuple[Tensor, Tensor]:
+    """One slice-sampling update of every chain along ``direction (D,)`` (interval width 1).
+
+    Stepping-out with Neal's random split of ``max_expansions`` between the two ends keeps the
+    update reversible; shrinkage runs at most ``max_shrinks`` rounds, after which chains that
+    found no point stay where they are (counted in ``counter["shrink_failures"]``).
+    """
+    n, dtype = x.shape[0], x.dtype
+    log_y = logp - torch.empty(n, dtype=dtype).exponential_(generator=generator)
+    left = -torch.rand(n, dtype=dtype, generator=generator)
+    right = left + 1.0
+    budget_left = torch.floor(max_expansions * torch.rand(n, dtype=dtype, generator=generator))
+    budget_right = (max_expansions - 1) - budget_left
+
+    both = _evaluate(potential, torch.cat([x + left[:, None] * direction, x + right[:, None] * direction]), counter)
+    f_left, f_right = both[:n], both[n:]
+    grow_left = (f_left > log_y) & (budget_left > 0)
+    grow_right = (f_right > log_y) & (budget_right > 0)
+    while bool((grow_left | grow_right).any()):
+        left = left - grow_left.to(dtype)
+        right = right + grow_right.to(dtype)
+        budget_left = budget_left - grow_left.to(dtype)
+        budget_right = budget_right - grow_right.to(dtype)
+        i_left, i_right = grow_left.nonzero().squeeze(1), grow_right.nonzero().squeeze(1)
+        points = torch.cat(
+            [x[i_left] + left[i_left, None] * direction, x[i_right] + right[i_right, None] * direction]
+        )
+        f = _evaluate(potential, points, counter)
+        f_left[i_left], f_right[i_right] = f[: i_left.numel()], f[i_left.numel() :]
+        grow_left = grow_left & (f_left > log_y) & (budget_left > 0)
+        grow_right = grow_right & (f_right > log_y) & (budget_right > 0)
+
+    x_new, logp_new = x.clone(), logp.clone()
+    active = torch.ones(n, dtype=torch.bool)
+    for _ in range(max_shrinks):
+        idx = active.nonzero().squeeze(1)
+        t = left[idx] + (right[idx] - left[idx]) * torch.rand(idx.numel(), dtype=dtype, generator=generator)
+        points = x[idx] + t[:, None] * direction
+        f = _evaluate(potential, points, counter)
+        inside = f > log_y[idx]
+        x_new[idx[inside]], logp_new[idx[inside]] = points[inside], f[inside]
+        active[idx[inside]] = False
+        left[idx] = torch.where(~inside & (t < 0), t, left[idx])
+        right[idx] = torch.where(~inside & (t >= 0), t, right[idx])
+        if not bool(active.any()):
+            break
+    counter["shrink_failures"] = counter.get("shrink_failures", 0) + int(active.sum())
+    return x_new, logp_new
+
+
+def slice_sample(
+    potential: Potential,
+    init: Tensor,
+    n_steps: int,
+    *,
+    warmup: int = 0,
+    width: float | Tensor = 1.0,
+    max_expansions: int = 10,
+    max_shrinks: int = 100,
+    adapt: bool = True,
+    generator: torch.Generator | None = None,
+    info: dict[str, Any] | None = None,
+) -> Tensor:
+    """Vectorized slice sampling along the directions of an adapted linear frame.
+
+    Each step is one sweep over ``D`` directions (the columns of a matrix ``B``); along each,
+    every chain does a 1-D slice update (Neal 2003) with an interval of length ``|B[:, d]|``,
+    stepping out at most ``max_expansions`` times and shrinking at most ``max_shrinks`` times.
+    ``B`` starts as ``diag(width)``; with ``adapt`` it is re-estimated at warm-up steps
+    ``warmup/8, /4, /2`` as ``3 L`` with ``L`` the Cholesky factor of the covariance pooled
+    over all chains, so that every direction is about 3 standard deviations long and the
+    directions of a Gaussian target are independent. The frame is fixed after warm-up, so
+    the returned draws come from a fixed, target-invariant kernel.
+
+    Arguments:
+        potential: Log density up to a constant, ``(N, D) -> (N,)`` for any ``N``; may be ``-inf``.
+        init: Initial states ``(C, D)``, ideally with finite potential.
+        n_steps: Number of sweeps to return, after ``warmup``.
+        warmup: Number of sweeps run first and discarded (with adaptation if ``adapt``).
+        width: Initial interval length, scalar or ``(D,)``, in the units of ``init``.
+        max_expansions: Stepping-out budget per update (Neal's ``m``).
+        max_shrinks: Cap on shrinkage rounds per update; chains still without a new point
+            stay put (the probability of this is negligible with the default).
+        adapt: Adapt the frame during warm-up.
+        generator: Source of all random draws.
+        info: If given, filled with ``n_evals`` (potential rows evaluated),
+            ``evals_per_step`` (per chain, after warm-up), ``shrink_failures`` and ``frame``.
+
+    Returns:
+        Draws of shape ``(n_steps, C, D)``.
+
+    Example:
+        >>> gen = torch.Generator().manual_seed(0)
+        >>> potential = lambda x: -0.5 * (x**2).sum(-1)
+        >>> draws = slice_sample(potential, torch.zeros(8, 2), 200, warmup=50, generator=gen)
+        >>> draws.shape
+        torch.Size([200, 8, 2])
+    """
+    x = _check_init(init, n_steps, warmup)
+    n_chains, dim = x.shape
+    counter: dict[str, int] = {}
+    width = torch.as_tensor(width, dtype=x.dtype).expand(dim)
+    frame = torch.diag(width)
+    logp = _evaluate(potential, x, counter)
+    adapt_at = _adaptation_steps(warmup) if adapt else []
+    history = torch.empty(warmup, n_chains, dim, dtype=x.dtype)
+    draws = torch.empty(n_steps, n_chains, dim, dtype=x.dtype)
+    previous = 0
+    evals_after_warmup = 0
+    for step in range(warmup + n_steps):
+        if step == warmup:
+            evals_after_warmup = counter["n_evals"]
+        for d in range(dim):
+            x, logp = _slice_update(potential, x, logp, frame[:, d], max_expansions, max_shrinks, generator, counter)
+        if step < warmup:
+            history[step] = x
+            if step + 1 in adapt_at:
+                start = (previous + step + 1) // 2
+                frame = (_ADAPTED_WIDTH * _estimate_frame(history[start : step + 1].reshape(-1, dim))).to(x.dtype)
+                previous = step + 1
+        else:
+            draws[step - warmup] = x
+    if info is not None:
+        info.update(counter)
+        info["evals_per_step"] = (counter["n_evals"] - evals_after_warmup) / (n_steps * n_chains)
+        info["frame"] = frame
+    return draws
+
+
+def _leapfrog(
+    potential: Potential,
+    x: Tensor,
+    logp: Tensor,
+    grad: Tensor,
+    momentum: Tensor,
+    step: Tensor,
+    frame: Tensor,
+    n_leapfrog: int,
+    counter: dict[str, int],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Leapfrog in the frame ``u = L v`` (identity mass in ``v``); stops chains that diverge.
+
+    Returns the final state, potential, gradient, momentum and a ``(C,)`` mask of chains whose
+    trajectory hit a non-finite potential or gradient (their last finite state is kept).
+    """
+    ok = torch.ones(x.shape[0], dtype=torch.bool)
+    p = momentum + 0.5 * step * (grad @ frame)
+    for i in range(n_leapfrog):
+        x_new = x + step * (p @ frame.T)
+        logp_new, grad_new = _value_and_grad(potential, x_new, counter)
+        ok = ok & torch.isfinite(logp_new) & torch.isfinite(grad_new).all(dim=1)
+        keep = ok[:, None]
+        x = torch.where(keep, x_new, x)
+        logp = torch.where(ok, logp_new, logp)
+        grad = torch.where(keep, grad_new, grad)
+        kick = 1.0 if i < n_leapfrog - 1 else 0.5
+        p = torch.where(keep, p + kick * step * (grad @ frame), p)
+    return x, logp, grad, p, ~ok
+
+
+def hmc_sample(
+    potential: Potential,
+    init: Tensor,
+    n_steps: int,
+    *,
+    warmup: int = 0,
+    step_size: float = 0.1,
+    n_leapfrog: int = 10,
+    target_accept: float = 0.8,
+    adapt: bool = True,
+    generator: torch.Generator | None = None,
+    info: dict[str, Any] | None = None,
+) -> Tensor:
+    """Vectorized Hamiltonian Monte Carlo with autograd gradients.
+
+    The metric is dense: HMC runs with identity mass in a frame ``u = L v``, ``L`` starting as
+    the identity and, with ``adapt``, re-estimated at warm-up steps ``warmup/8, /4, /2`` as the
+    Cholesky factor of the covariance pooled over all chains. One step size, shared by all
+    chains, is tuned by dual averaging (Hoffman & Gelman 2014) towards a mean acceptance
+    probability ``target_accept``; dual averaging restarts after each frame change and the
+    averaged step size is used after warm-up. Each chain jitters the step size by a uniform
+    factor in ``[0.8, 1.2]`` per step, which breaks the periodicity of fixed-length orbits.
+    Trajectories reaching a non-finite potential or gradient are rejected (divergences).
+
+    Arguments:
+        potential: Differentiable log density, ``(N, D) -> (N,)`` for any ``N``.
+        init: Initial states ``(C, D)`` with finite potential.
+        n_steps: Number of transitions to return, after ``warmup``.
+        warmup: Number of transitions run first and discarded (adaptation if ``adapt``).
+        step_size: Initial leapfrog step size (in frame units).
+        n_leapfrog: Leapfrog steps per transition.
+        target_accept: Mean acceptance probability aimed at by dual averaging.
+        adapt: Adapt metric and step size during warm-up.
+        generator: Source of all random draws.
+        info: If given, filled with ``n_evals``, ``acceptance`` (mean acceptance probability
+            after warm-up), ``step_size``, ``divergences`` (after warm-up) and ``frame``.
+
+    Returns:
+        Draws of shape ``(n_steps, C, D)``.
+
+    Example:
+        >>> gen = torch.Generator().manual_seed(0)
+        >>> potential = lambda x: -0.5 * (x**2).sum(-1)
+        >>> draws = hmc_sample(potential, torch.zeros(8, 2), 200, warmup=100, generator=gen)
+        >>> draws.shape
+        torch.Size([200, 8, 2])
+    """
+    x = _check_init(init, n_steps, warmup)
+    n_chains, dim = x.shape
+    dtype = x.dtype
+    counter: dict[str, int] = {}
+    frame = torch.eye(dim, dtype=dtype)
+    logp, grad = _value_and_grad(potential, x, counter)
+    adapt_at = _adaptation_steps(warmup) if adapt else []
+    history = torch.empty(warmup, n_chains, dim, dtype=dtype)
+    draws = torch.empty(n_steps, n_chains, dim, dtype=dtype)
+
+    def restart(eps: float) -> dict[str, float]:
+        return {"mu": math.log(10 * eps), "h_bar": 0.0, "log_eps": math.log(eps), "log_eps_bar": 0.0, "t": 0}
+
+    dual = restart(step_size)
+    eps, previous = step_size, 0
+    accept_sum, divergences = 0.0, 0
+    for step in range(warmup + n_steps):
+        momentum = torch.randn(n_chains, dim, dtype=dtype, generator=generator)
+        jitter = 0.8 + 0.4 * torch.rand(n_chains, 1, dtype=dtype, generator=generator)
+        x_new, logp_new, grad_new, p_new, diverged = _leapfrog(
+            potential, x, logp, grad, momentum, eps * jitter, frame, n_leapfrog, counter
+        )
+        log_ratio = (logp_new - 0.5 * (p_new**2).sum(1)) - (logp - 0.5 * (momentum**2).sum(1))
+        log_ratio = torch.where(diverged | torch.isnan(log_ratio), torch.full_like(log_ratio, -torch.inf), log_ratio)
+        accept_prob = log_ratio.clamp(max=0.0).exp()
+        accept = torch.rand(n_chains, dtype=dtype, generator=generator) < accept_prob
+        x = torch.where(accept[:, None], x_new, x)
+        logp = torch.where(accept, logp_new, logp)
+        grad = torch.where(accept[:, None], grad_new, grad)
+
+        if step < warmup:
+            history[step] = x
+            if adapt:
+                dual["t"] += 1
+                t = dual["t"]
+                dual["h_bar"] += (target_accept - float(accept_prob.mean()) - dual["h_bar"]) / (t + _DA_T0)
+                dual["log_eps"] = dual["mu"] - math.sqrt(t) / _DA_GAMMA * dual["h_bar"]
+                weight = t**-_DA_KAPPA
+                dual["log_eps_bar"] = weight * dual["log_eps"] + (1 - weight) * dual["log_eps_bar"]
+                eps = math.exp(dual["log_eps"])
+                if step + 1 in adapt_at:
+                    start = (previous + step + 1) // 2
+                    frame = _estimate_frame(history[start : step + 1].reshape(-1, dim)).to(dtype)
+                    previous = step + 1
+                    dual = restart(eps)
+                if step + 1 == warmup:
+                    eps = math.exp(dual["log_eps_bar"])
+        else:
+            draws[step - warmup] = x
+            accept_sum += float(accept_prob.mean())
+            divergences += int(diverged.sum())
+    if info is not None:
+        info.update(counter)
+        info.update(acceptance=accept_sum / n_steps, step_size=eps, divergences=divergences, frame=frame)
+    return draws
+
+
+SAMPLERS: dict[str, Callable[..., Tensor]] = {"slice": slice_sample, "hmc": hmc_sample}
+
+
+def sir_init(
+    proposals: Tensor,
+    log_weights: Tensor,
+    n_chains: int,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    r"""Sampling-importance-resampling initialization of ``n_chains`` chains.
+
+    ``log_weights`` are :math:`\log \pi(x_i) - \log q(x_i)` for proposals :math:`x_i \sim q`
+    (up to a constant). Chains start at ``n_chains`` *distinct* proposals drawn without
+    replacement with probability proportional to the weights (Gumbel top-k: keys
+    ``log_weights + Gumbel``), so a few dominant weights cannot make several chains start at
+    the same point. Proposals with non-finite weight are never chosen; if fewer than
+    ``n_chains`` remain, they are reused in turn (with a warning).
+
+    Arguments:
+        proposals: Proposal draws ``(M, D)``.
+        log_weights: Log importance weights ``(M,)``.
+        n_chains: Number of initial states.
+        generator: Source of the Gumbel noise.
+
+    Returns:
+        Initial states ``(n_chains, D)``.
+
+    Example:
+        >>> gen = torch.Generator().manual_seed(0)
+        >>> proposals = torch.randn(1000, 2, generator=gen)
+        >>> log_weights = -0.5 * ((proposals - 1.0) ** 2).sum(-1) + 0.5 * (proposals**2).sum(-1)
+        >>> sir_init(proposals, log_weights, 10, gen).shape
+        torch.Size([10, 2])
+    """
+    if proposals.ndim != 2 or log_weights.shape != proposals.shape[:1]:
+        raise ValueError(
+            f"need proposals (M, D) and log_weights (M,), got {tuple(proposals.shape)} and {tuple(log_weights.shape)}"
+        )
+    log_weights = log_weights.detach().to(torch.float64)
+    finite = torch.isfinite(log_weights) & torch.isfinite(proposals).all(dim=1)
+    n_finite = int(finite.sum())
+    if n_finite == 0:
+        raise ValueError("every proposal has a non-finite log weight (or is itself non-finite); cannot initialize")
+    uniform = torch.rand(log_weights.shape, dtype=torch.float64, generator=generator).clamp(1e-300, 1.0)
+    keys = torch.where(finite, log_weights - torch.log(-torch.log(uniform)), torch.tensor(-torch.inf, dtype=torch.float64))
+    order = torch.argsort(keys, descending=True)[: min(n_chains, n_finite)]
+    if n_finite < n_chains:
+        warnings.warn(
+            f"only {n_finite} proposals have finite weight for {n_chains} chains; reusing them", stacklevel=2
+        )
+        order = order[torch.arange(n_chains) % n_finite]
+    return proposals[order].detach().clone()
+
+
+def _split_chains(chains: Tensor) -> Tensor:
+    """``(S, C, D) -> (S // 2, 2 C, D)``: each chain cut in two halves (middle draw dropped if S is odd)."""
+    if chains.ndim != 3:
+        raise ValueError(f"chains must have shape (S, C, D), got {tuple(chains.shape)}")
+    half = chains.shape[0] // 2
+    if half < 2:
+        raise ValueError(f"need at least 4 draws per chain, got {chains.shape[0]}")
+    return torch.cat([chains[:half], chains[-half:]], dim=1)
+
+
+def _rank_normalize(chains: Tensor) -> Tensor:
+    """Normal scores of the pooled ranks (average ranks for ties, Blom offsets), per dimension."""
+    s, c, d = chains.shape
+    flat = chains.reshape(s * c, d).detach().cpu().to(torch.float64).numpy()
+    ranks = torch.from_numpy(rankdata(flat, axis=0, method="average"))
+    z = torch.special.ndtri((ranks - 0.375) / (s * c + 0.25))
+    return z.reshape(s, c, d)
+
+
+def _classic_rhat(chains: Tensor) -> Tensor:
+    """Gelman-Rubin potential scale reduction of ``(S, C, D)`` chains (no splitting)."""
+    n = chains.shape[0]
+    within = chains.var(dim=0).mean(dim=0)
+    between = n * chains.mean(dim=0).var(dim=0)
+    var_plus = (n - 1) / n * within + between / n
+    return torch.sqrt(var_plus / within)
+
+
+def rhat(chains: Tensor) -> Tensor:
+    r"""Rank-normalized split-:math:`\hat R` of Vehtari et al. (2021), per dimension.
+
+    Chains are split in halves; :math:`\hat R` is computed on the rank-normalized draws (bulk)
+    and on the rank-normalized distance from the median (tails); the maximum of the two is
+    returned. Values above about 1.01 (strictly) or 1.05 (leniently) signal poor mixing.
+
+    Arguments:
+        chains: Draws ``(S, C, D)`` with ``S >= 4``.
+
+    Returns:
+        :math:`\hat R` per dimension, ``(D,)`` in float64 (NaN for a constant dimension).
+
+    Example:
+        >>> chains = torch.randn(500, 4, 2, generator=torch.Generator().manual_seed(0))
+        >>> bool((rhat(chains) < 1.01).all())
+        True
+    """
+    split = _split_chains(chains).to(torch.float64)
+    bulk = _classic_rhat(_rank_normalize(split))
+    flat = split.reshape(-1, split.shape[-1])
+    folded = (split - flat.median(dim=0).values).abs()
+    tail = _classic_rhat(_rank_normalize(folded))
+    return torch.maximum(bulk, tail)
+
+
+def _ess_raw(chains: Tensor) -> Tensor:
+    """Multi-chain ESS of ``(S, C, D)`` draws via FFT autocorrelations and Geyer's monotone sequence."""
+    chains = chains.to(torch.float64)
+    n, m, _ = chains.shape
+    centered = chains - chains.mean(dim=0)
+    size = 2 ** math.ceil(math.log2(2 * n))
+    spectrum = torch.fft.rfft(centered, n=size, dim=0)
+    acov = torch.fft.irfft(spectrum.abs() ** 2, n=size, dim=0)[:n] / n  # (n, C, D), biased
+    chain_var = acov[0] * n / (n - 1)
+    within = chain_var.mean(dim=0)
+    var_plus = within * (n - 1) / n
+    if m > 1:
+        var_plus = var_plus + chains.mean(dim=0).var(dim=0)
+    rho = 1.0 - (within - acov.mean(dim=1)) / var_plus  # (n, D)
+    rho[0] = 1.0
+    n_pairs = n // 2
+    pairs = rho[: 2 * n_pairs].reshape(n_pairs, 2, -1).sum(dim=1)  # (K, D): Geyer's Gamma_k
+    positive = torch.cumprod((pairs > 0).to(torch.float64), dim=0)  # initial positive sequence
+    monotone = torch.cummin(pairs, dim=0).values  # initial monotone sequence
+    tau = -1.0 + 2.0 * (monotone * positive).sum(dim=0)
+    total = n * m
+    tau = tau.clamp_min(1.0 / math.log10(total))
+    return total / tau
+
+
+def ess(chains: Tensor) -> Tensor:
+    r"""Bulk effective sample size of Vehtari et al. (2021), per dimension.
+
+    Rank-normalized split chains; autocorrelations by FFT, combined across chains as in Stan
+    (:math:`\hat\rho_t = 1 - (W - \overline{\mathrm{acov}}_t)/\widehat{\mathrm{var}}^+`),
+    truncated by Geyer's initial positive and monotone sequence. For i.i.d. draws it is
+    about ``S * C``; for an AR(1) with coefficient :math:`\rho` about
+    :math:`S C (1-\rho)/(1+\rho)`.
+
+    Arguments:
+        chains: Draws ``(S, C, D)`` with ``S >= 4``.
+
+    Returns:
+        ESS per dimension, ``(D,)`` in float64.
+
+    Example:
+        >>> chains = torch.randn(1000, 4, 3, generator=torch.Generator().manual_seed(0))
+        >>> bool(((ess(chains) / 4000 - 1).abs() < 0.15).all())
+        True
+    """
+    return _ess_raw(_rank_normalize(_split_chains(chains)))
+
+
+@dataclass
+class MCMCResult:
+    """Output of :func:`run_mcmc`.
+
+    Attributes:
+        samples: Posterior draws ``(n_samples, D)`` in constrained space, step-major
+            (all chains' draws of one step, then the next step).
+        chains: Kept (thinned) draws ``(S, C, D)`` in constrained space.
+        rhat: Rank-normalized split-:math:`\\hat R` per dimension ``(D,)``.
+        ess: Bulk effective sample size per dimension ``(D,)``.
+        acceptance: Mean acceptance probability (HMC); ``None`` for slice sampling.
+        seconds: Wall-clock time of the whole run.
+        info: Sampler statistics (``n_evals``, ``step_size``, ``frame``, ...).
+    """
+
+    samples: Tensor
+    chains: Tensor
+    rhat: Tensor
+    ess: Tensor
+    acceptance: float | None
+    seconds: float
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _posterior_potential(log_prob: Potential, prior: Distribution) -> Potential:
+    """Unconstrained-space potential ``u -> log_prob(T(u)) + log|det J_T(u)|``."""
+    transform = prior.transform
+
+    def potential(u: Tensor) -> Tensor:
+        theta = transform(u)
+        value = log_prob(theta)
+        if not isinstance(value, Tensor) or value.shape != u.shape[:1]:
+            shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            raise ValueError(f"log_prob must map theta (N, D) to (N,); got {shape} for theta {tuple(theta.shape)}")
+        ladj = transform.log_abs_det_jacobian(u, theta)
+        if ladj.ndim == 2:
+            ladj = ladj.sum(dim=-1)
+        return value + ladj
+
+    return potential
+
+
+def run_mcmc(
+    log_prob: Potential,
+    prior: Distribution,
+    n_samples: int,
+    *,
+    n_chains: int = 20,
+    warmup: int = 200,
+    thin: int = 1,
+    sampler: str = "slice",
+    init_proposals: int = 10_000,
+    seed: int = 0,
+    sampler_options: dict[str, Any] | None = None,
+) -> MCMCResult:
+    r"""Sample :math:`\pi(\theta) \propto \exp(\mathrm{log\_prob}(\theta))` by MCMC in unconstrained space.
+
+    With ``T = prior.transform`` the chains target
+    :math:`\mathrm{log\_prob}(T(u)) + \log|\det J_T(u)|`, so bounded supports need no special
+    care. Chains start by :func:`sir_init` from ``init_proposals`` prior draws weighted by
+    ``log_prob(theta) - prior.log_prob(theta)``, run ``warmup`` adapting steps (discarded),
+    then ``ceil(n_samples * thin / n_chains)`` steps of which every ``thin``-th is kept.
+
+    Defaults, chosen by measurement (2- to 5-D Gaussians, strongly correlated or badly
+    scaled, and a truncated Gaussian; 2-core CPU): 20 chains; 200 warm-up steps, after which
+    the slice sampler's frame is adapted and :math:`\hat R < 1.01`; ``thin=1`` because one
+    adapted slice sweep gives nearly independent draws for a Gaussian (bulk ESS about 0.5-1
+    per draw); 10,000 SIR proposals (one batched ``log_prob`` call). Slice sampling is the
+    default because it needs no gradients and no step-size tuning; it costs about 4-5
+    potential rows per chain and dimension per step. 10,000 draws of a 3-D Gaussian take
+    about 1 s.
+
+    Arguments:
+        log_prob: Unnormalized log posterior in constrained space (log-likelihood plus
+            log-prior), ``(N, D) -> (N,)``; must be differentiable for ``sampler="hmc"``.
+        prior: Prior with ``transform`` (bijection :math:`\mathbb{R}^D \to` support),
+            ``sample`` and ``log_prob``, e.g. :class:`sbi_gen.priors.BoxUniform`.
+        n_samples: Number of returned draws.
+        n_chains: Number of chains run in parallel.
+        warmup: Warm-up steps per chain.
+        thin: Keep every ``thin``-th step.
+        sampler: Key of :data:`SAMPLERS`.
+        init_proposals: Number of prior draws for SIR initialization.
+        seed: Seed of every random draw (prior proposals, SIR, sampler).
+        sampler_options: Extra keyword arguments for the sampler (e.g. ``n_leapfrog``).
+
+    Returns:
+        :class:`MCMCResult`; a warning is issued if any :math:`\hat R > 1.05`.
+
+    Raises:
+        ValueError: If ``log_prob`` does not return shape ``(N,)``, or on bad arguments.
+
+    Example:
+        >>> from sbi_gen.priors import Gaussian
+        >>> prior = Gaussian([0.0], scale=1.0)
+        >>> result = run_mcmc(lambda t: prior.log_prob(t) - 0.5 * ((t - 1.0) ** 2).sum(-1), prior, 200)
+        >>> result.samples.shape
+        torch.Size([200, 1])
+    """
+    from sbi_gen.priors import sample_prior
+
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; known: {', '.join(SAMPLERS)}")
+    if n_samples < 1 or n_chains < 1 or thin < 1 or warmup < 0 or init_proposals < 1:
+        raise ValueError("need n_samples, n_chains, thin, init_proposals >= 1 and warmup >= 0")
+    start = time.perf_counter()
+    generator = torch.Generator().manual_seed(seed)
+    potential = _posterior_potential(log_prob, prior)
+    transform = prior.transform
+
+    with torch.no_grad():
+        theta = sample_prior(prior, init_proposals, seed)
+        u = transform.inv(theta)
+        log_target = _evaluate(log_prob, theta)  # checks the shape and maps NaN to -inf
+        log_weights = log_target - prior.log_prob(theta).to(log_target.dtype)
+        log_weights = torch.where(torch.isfinite(u).all(dim=1), log_weights, torch.full_like(log_weights, -torch.inf))
+        init = sir_init(u, log_weights, n_chains, generator)
+
+    n_steps = math.ceil(n_samples * thin / n_chains)
+    info: dict[str, Any] = {}
+    draws = SAMPLERS[sampler](
+        potential, init, n_steps, warmup=warmup, generator=generator, info=info, **(sampler_options or {})
+    )
+    with torch.no_grad():
+        chains = transform(draws[::thin])
+    samples = chains.reshape(-1, chains.shape[-1])[:n_samples]
+    if chains.shape[0] >= 4:
+        r_hat, n_eff = rhat(chains), ess(chains)
+    else:
+        r_hat = n_eff = torch.full((chains.shape[-1],), torch.nan, dtype=torch.float64)
+    if bool((r_hat > 1.05).any()):
+        warnings.warn(
+            f"MCMC chains have not mixed: R-hat up to {float(r_hat.max()):.3f} (> 1.05); "
+            "increase warmup or n_samples, or check for multimodality",
+            stacklevel=2,
+        )
+    return MCMCResult(
+        samples=samples,
+        chains=chains,
+        rhat=r_hat,
+        ess=n_eff,
+        acceptance=info.get("acceptance"),
+        seconds=time.perf_counter() - start,
+        info=info,
+    )

@@ -1,0 +1,388 @@
+r"""Neural-network building blocks: MLPs, a CNN for periodic maps, a time embedding.
+
+Every module maps a tensor with arbitrary leading batch dimensions, ``(*, ...)``, and
+creates no tensor outside the device of its input or its own parameters and buffers,
+so ``module.to("cuda")`` is all a GPU needs.
+
+Embeddings of a condition :math:`c` (an observation in NPE, parameters in NLE) are built
+by name through :data:`EMBEDDINGS` and :func:`build_embedding`, which also returns the
+number of features the embedding outputs. Their keyword arguments are JSON values
+(activations are given by name), so an estimator's config stays JSON.
+
+Example:
+    >>> net, features = build_embedding("cnn", (16, 16), out_features=8)
+    >>> features
+    8
+    >>> net(torch.randn(5, 16, 16)).shape
+    torch.Size([5, 8])
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+__all__ = [
+    "ACTIVATIONS",
+    "CNN",
+    "EMBEDDINGS",
+    "MLP",
+    "Flatten",
+    "ResidualMLP",
+    "TimeEmbedding",
+    "build_embedding",
+    "default_embedding",
+]
+
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "elu": nn.ELU,
+    "gelu": nn.GELU,
+    "leaky_relu": nn.LeakyReLU,
+    "relu": nn.ReLU,
+    "silu": nn.SiLU,
+    "softplus": nn.Softplus,
+    "tanh": nn.Tanh,
+}
+"""Activation constructors by name."""
+
+Activation = str | Callable[[], nn.Module]
+
+
+def _activation(activation: Activation) -> Callable[[], nn.Module]:
+    if callable(activation):
+        return activation
+    try:
+        return ACTIVATIONS[activation]
+    except KeyError:
+        raise ValueError(f"unknown activation {activation!r}; known: {', '.join(sorted(ACTIVATIONS))}") from None
+
+
+class MLP(nn.Sequential):
+    r"""Multi-layer perceptron ``Linear → act → … → Linear``.
+
+    Arguments:
+        in_features: Input features :math:`D_{in}`.
+        out_features: Output features :math:`D_{out}`.
+        hidden: Widths of the hidden layers.
+        activation: Activation name (a key of :data:`ACTIVATIONS`) or constructor.
+
+    Shapes:
+        ``(*, in_features) → (*, out_features)``.
+
+    Example:
+        >>> net = MLP(3, 2, hidden=(16, 16))
+        >>> net(torch.randn(4, 5, 3)).shape
+        torch.Size([4, 5, 2])
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        hidden: Sequence[int] = (128, 128),
+        activation: Activation = "silu",
+    ):
+        act = _activation(activation)
+        widths = [int(in_features), *(int(h) for h in hidden), int(out_features)]
+        layers: list[nn.Module] = []
+        for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+            if i > 0:
+                layers.append(act())
+            layers.append(nn.Linear(a, b))
+        super().__init__(*layers)
+        self.in_features = widths[0]
+        self.out_features = widths[-1]
+
+
+class _ResidualBlock(nn.Module):
+    """``x + Linear(act(Linear(act(LayerNorm(x)))))``: a pre-activation residual block."""
+
+    def __init__(self, features: int, activation: Callable[[], nn.Module]):
+        super().__init__()
+        self.norm = nn.LayerNorm(features)
+        self.net = nn.Sequential(activation(), nn.Linear(features, features), activation(), nn.Linear(features, features))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.net(self.norm(x))
+
+
+class ResidualMLP(nn.Module):
+    r"""MLP of pre-activation residual blocks (LayerNorm, act, Linear, act, Linear, skip).
+
+    Deeper than :class:`MLP` at equal width while still easy to optimize.
+
+    Arguments:
+        in_features: Input features :math:`D_{in}`.
+        out_features: Output features :math:`D_{out}`.
+        hidden: Width of the residual stream.
+        blocks: Number of residual blocks.
+        activation: Activation name (a key of :data:`ACTIVATIONS`) or constructor.
+
+    Shapes:
+        ``(*, in_features) → (*, out_features)``.
+
+    Example:
+        >>> net = ResidualMLP(3, 2, hidden=32, blocks=2)
+        >>> net(torch.randn(7, 3)).shape
+        torch.Size([7, 2])
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        hidden: int = 128,
+        blocks: int = 2,
+        activation: Activation = "silu",
+    ):
+        super().__init__()
+        act = _activation(activation)
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
+        self.input = nn.Linear(self.in_features, int(hidden))
+        self.blocks = nn.Sequential(*(_ResidualBlock(int(hidden), act) for _ in range(int(blocks))))
+        self.output = nn.Sequential(nn.LayerNorm(int(hidden)), act(), nn.Linear(int(hidden), self.out_features))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.output(self.blocks(self.input(x)))
+
+
+class Flatten(nn.Module):
+    r"""Flattens the last ``ndim`` dimensions: ``(*, s_1, …, s_n) → (*, s_1 ⋯ s_n)``.
+
+    With ``ndim=1`` it is the identity.
+
+    Example:
+        >>> Flatten(2)(torch.randn(4, 3, 5, 6)).shape
+        torch.Size([4, 3, 30])
+    """
+
+    def __init__(self, ndim: int = 1):
+        super().__init__()
+        self.ndim = int(ndim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x if self.ndim == 1 else x.flatten(start_dim=x.dim() - self.ndim)
+
+
+class CNN(nn.Module):
+    r"""Translation-invariant CNN embedding of periodic 2-D maps.
+
+    A stack of convolutions with circular padding (the maps are periodic) whose
+    dilation doubles at each layer (1, 2, 4, …, capped at half the map size), so the
+    receptive field covers the map without any striding or pooling; then global
+    average pooling over the map and an MLP head. Because nothing decimates the map,
+    every layer is exactly equivariant to circular shifts and the output is exactly
+    invariant to them (up to float rounding) — the right symmetry for statistically
+    homogeneous fields. With the default 5 layers the receptive field is 63 pixels
+    across, enough for 64 × 64 maps.
+
+    Arguments:
+        in_shape: Shape of one map, ``(H, W)`` or ``(C, H, W)`` for ``C`` channels.
+        out_features: Output features.
+        channels: Channels of the successive convolution layers.
+        kernel_size: Odd kernel size of every convolution.
+        hidden: Hidden widths of the MLP head.
+        activation: Activation name (a key of :data:`ACTIVATIONS`) or constructor.
+
+    Shapes:
+        ``(*, H, W) → (*, out_features)`` (or ``(*, C, H, W) → (*, out_features)``).
+
+    Example:
+        >>> net = CNN((16, 16), out_features=4, channels=(8, 8))
+        >>> x = torch.randn(3, 16, 16)
+        >>> shifted = torch.roll(x, shifts=(5, -3), dims=(-2, -1))
+        >>> torch.allclose(net(x), net(shifted), atol=1e-5)
+        True
+    """
+
+    def __init__(
+        self,
+        in_shape: Sequence[int],
+        out_features: int = 64,
+        channels: Sequence[int] = (16, 32, 32, 64, 64),
+        kernel_size: int = 3,
+        hidden: Sequence[int] = (128,),
+        activation: Activation = "silu",
+    ):
+        super().__init__()
+        in_shape = tuple(int(s) for s in in_shape)
+        if len(in_shape) not in (2, 3):
+            raise ValueError(f"the CNN embeds maps of shape (H, W) or (C, H, W), got {in_shape}")
+        if kernel_size % 2 != 1:
+            raise ValueError(f"kernel_size must be odd, got {kernel_size}")
+        if len(channels) == 0:
+            raise ValueError("the CNN needs at least one convolution layer")
+        self.in_shape = in_shape
+        self.out_features = int(out_features)
+        act = _activation(activation)
+        height, width = in_shape[-2:]
+        half = kernel_size // 2
+        # Taps beyond half the map size wrap onto pixels already seen; circular padding
+        # also needs padding <= size.
+        max_dilation = max(1, min(height, width) // (2 * half)) if half > 0 else 1
+        layers: list[nn.Module] = []
+        c_in = in_shape[0] if len(in_shape) == 3 else 1
+        for i, c_out in enumerate(channels):
+            dilation = min(2**i, max_dilation)
+            layers.append(
+                nn.Conv2d(
+                    c_in,
+                    int(c_out),
+                    kernel_size,
+                    padding=dilation * half,
+                    dilation=dilation,
+                    padding_mode="circular",
+                )
+            )
+            layers.append(act())
+            c_in = int(c_out)
+        self.convs = nn.Sequential(*layers)
+        self.head = MLP(c_in, self.out_features, hidden=hidden, activation=activation)
+
+    def forward(self, x: Tensor) -> Tensor:
+        event = len(self.in_shape)
+        batch = x.shape[: x.dim() - event]
+        x = x.reshape(-1, *self.in_shape)
+        if event == 2:
+            x = x.unsqueeze(1)
+        features = self.convs(x).mean(dim=(-2, -1))  # global average pooling
+        return self.head(features).reshape(*batch, self.out_features)
+
+
+class TimeEmbedding(nn.Module):
+    r"""Sinusoidal embedding of a (diffusion) time :math:`t \in [0, 1]`.
+
+    .. math:: e(t) = (\cos(s t \omega_1), \dots, \cos(s t \omega_K),
+        \sin(s t \omega_1), \dots, \sin(s t \omega_K)),
+        \quad \omega_k = P^{-(k-1)/K}
+
+    with :math:`K = \lfloor dim / 2 \rfloor`, scale :math:`s` and maximal period :math:`P`,
+    as in transformers and DDPM (there with integer steps, here :math:`s t` with :math:`s = 1000`).
+    An odd ``dim`` gets one zero feature appended.
+
+    Arguments:
+        dim: Output features.
+        scale: Multiplier :math:`s` of the time.
+        max_period: Longest period :math:`P` (in units of :math:`s t`).
+
+    Shapes:
+        ``(*) → (*, dim)``.
+
+    Example:
+        >>> emb = TimeEmbedding(16)
+        >>> emb(torch.rand(8)).shape
+        torch.Size([8, 16])
+    """
+
+    def __init__(self, dim: int, scale: float = 1000.0, max_period: float = 10000.0):
+        super().__init__()
+        if dim < 2:
+            raise ValueError(f"the time embedding needs dim >= 2, got {dim}")
+        self.dim = int(dim)
+        self.scale = float(scale)
+        half = self.dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
+        self.register_buffer("freqs", freqs, persistent=False)
+
+    def forward(self, t: Tensor) -> Tensor:
+        angles = self.scale * t.to(self.freqs.dtype)[..., None] * self.freqs
+        emb = torch.cat((angles.cos(), angles.sin()), dim=-1)
+        if self.dim % 2:
+            emb = torch.nn.functional.pad(emb, (0, 1))
+        return emb
+
+
+def _identity(c_shape: tuple[int, ...]) -> tuple[nn.Module, int]:
+    return Flatten(len(c_shape)), math.prod(c_shape)
+
+
+def _mlp(
+    c_shape: tuple[int, ...],
+    out_features: int = 64,
+    hidden: Sequence[int] = (128, 128),
+    activation: str = "silu",
+) -> tuple[nn.Module, int]:
+    net = MLP(math.prod(c_shape), out_features, hidden=hidden, activation=activation)
+    return nn.Sequential(Flatten(len(c_shape)), net), int(out_features)
+
+
+def _resmlp(
+    c_shape: tuple[int, ...],
+    out_features: int = 64,
+    hidden: int = 128,
+    blocks: int = 2,
+    activation: str = "silu",
+) -> tuple[nn.Module, int]:
+    net = ResidualMLP(math.prod(c_shape), out_features, hidden=hidden, blocks=blocks, activation=activation)
+    return nn.Sequential(Flatten(len(c_shape)), net), int(out_features)
+
+
+def _cnn(
+    c_shape: tuple[int, ...],
+    out_features: int = 64,
+    channels: Sequence[int] = (16, 32, 32, 64, 64),
+    kernel_size: int = 3,
+    hidden: Sequence[int] = (128,),
+    activation: str = "silu",
+) -> tuple[nn.Module, int]:
+    net = CNN(c_shape, out_features, channels=channels, kernel_size=kernel_size, hidden=hidden, activation=activation)
+    return net, int(out_features)
+
+
+EMBEDDINGS: dict[str, Callable[..., tuple[nn.Module, int]]] = {
+    "cnn": _cnn,
+    "identity": _identity,
+    "mlp": _mlp,
+    "resmlp": _resmlp,
+}
+"""Embedding builders by name: ``EMBEDDINGS[name](c_shape, **kwargs) -> (module, out_features)``.
+
+- ``"identity"``: flattens ``c``; no parameters.
+- ``"mlp"``: flatten, then :class:`MLP` (``out_features=64, hidden=(128, 128), activation="silu"``).
+- ``"resmlp"``: flatten, then :class:`ResidualMLP` (``out_features=64, hidden=128, blocks=2``).
+- ``"cnn"``: :class:`CNN` for maps ``(H, W)`` or ``(C, H, W)`` (``out_features=64``,
+  ``channels=(16, 32, 32, 64, 64)``, ``kernel_size=3``, ``hidden=(128,)``).
+"""
+
+
+def default_embedding(c_shape: Sequence[int]) -> str:
+    """The embedding used when none is named: ``"mlp"`` for vectors, ``"cnn"`` for maps.
+
+    Example:
+        >>> default_embedding((7,)), default_embedding((64, 64))
+        ('mlp', 'cnn')
+    """
+    return "mlp" if len(tuple(c_shape)) <= 1 else "cnn"
+
+
+def build_embedding(name: str, c_shape: Sequence[int], **kwargs: Any) -> tuple[nn.Module, int]:
+    """Builds the embedding ``name`` for conditions of shape ``c_shape``.
+
+    Arguments:
+        name: A key of :data:`EMBEDDINGS`.
+        c_shape: Shape of one condition, ``(d,)`` or ``(H, W)`` (or ``(C, H, W)``).
+        kwargs: Keyword arguments of that embedding (see :data:`EMBEDDINGS`).
+
+    Returns:
+        The module, mapping ``(*, *c_shape) → (*, F)``, and its number of output features ``F``.
+
+    Example:
+        >>> net, features = build_embedding("mlp", (5,), out_features=10, hidden=[32])
+        >>> features, net(torch.randn(2, 5)).shape
+        (10, torch.Size([2, 10]))
+    """
+    c_shape = tuple(int(s) for s in c_shape)
+    if len(c_shape) == 0 or any(s < 1 for s in c_shape):
+        raise ValueError(f"a condition shape must be non-empty and positive, got {c_shape}")
+    if name not in EMBEDDINGS:
+        raise ValueError(f"unknown embedding {name!r}; known: {', '.join(sorted(EMBEDDINGS))}")
+    try:
+        return EMBEDDINGS[name](c_shape, **kwargs)
+    except TypeError as error:
+        raise TypeError(f"bad arguments {sorted(kwargs)} for embedding {name!r}: {error}") from None

@@ -1,0 +1,596 @@
+"""Training sets on disk: one self-describing HDF5 format, written crash-safe, read as tensors.
+
+Layout of a finished file (readable with plain h5py):
+
+- datasets ``theta`` (n, D), ``x`` (n, *shape), ``valid`` (n,) bool, optional ``latents/<name>``
+  and ``augmented/<name>``, all chunked by rows and compressed;
+- root attributes ``format`` (``"sbi_gen.simulations"``), ``format_version``, ``complete``,
+  ``simulator``, ``simulator_version``, ``simulator_config`` (JSON), ``prior`` (JSON),
+  ``parameter_names`` / ``parameter_units`` / ``observable_names`` (JSON), ``observable_shape``,
+  ``seed``, ``n_simulations``, ``chunk_size``, ``n_chunks``, ``n_valid``, ``n_nonfinite``,
+  ``n_failed``, ``first_error``, ``package_version``.
+
+How a run survives a crash: chunk ``i`` (rows ``i*chunk_size`` onwards) is simulated from the
+``i``-th stream of ``SeedSequence(seed).spawn(n_chunks)`` and saved as its own file in
+``PATH.partial/`` by an atomic rename, so a chunk file is either whole or absent. The HDF5 file
+is assembled in a temporary file and renamed to ``PATH`` only when every chunk is in; ``PATH``
+therefore never exists unfinished. Running the same command again after a kill simulates only
+the missing chunks, and the result is identical, dataset by dataset, to an uninterrupted run
+with any number of workers.
+
+Example:
+    >>> import tempfile, simulators
+    >>> path = tempfile.mkdtemp() + "/moons.h5"
+    >>> summary = simulate_to_hdf5(simulators.get("two_moons"), n=1000, path=path, seed=1, progress=False)
+    >>> data = load(path)
+    >>> data.theta.shape, data.x.shape
+    (torch.Size([1000, 2]), torch.Size([1000, 2]))
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import shutil
+import time
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+
+from sbi_gen.parallel import run_tasks
+from sbi_gen.simulate import chunk_seeds, run_chunk
+
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "SimulationSummary",
+    "StoreError",
+    "TrainingSet",
+    "load",
+    "read_info",
+    "simulate_to_hdf5",
+    "train_val_split",
+]
+
+FORMAT = "sbi_gen.simulations"
+FORMAT_VERSION = 1
+_SHARD = "chunk-{:07d}.npz"
+_MANIFEST = "run.json"
+# The fields that identify a run: a resume or re-run must agree on all of them.
+_RUN_KEYS = ("simulator", "simulator_version", "simulator_config", "prior", "seed", "n_simulations", "chunk_size")
+
+
+class StoreError(ValueError):
+    """A training-set file or run that cannot be used as asked; the message says why."""
+
+
+def _package_version() -> str:
+    from sbi_gen import __version__
+
+    return __version__
+
+
+def _partial_dir(path: Path) -> Path:
+    return path.with_name(path.name + ".partial")
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True)
+
+
+@dataclass
+class SimulationSummary:
+    """What :func:`simulate_to_hdf5` did; ``str()`` gives a one-screen report."""
+
+    path: str
+    n_simulations: int
+    n_valid: int
+    n_nonfinite: int
+    n_failed: int
+    first_error: str
+    seconds: float
+    chunks_resumed: int
+    n_chunks: int
+    already_complete: bool = False
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+    @property
+    def simulations_per_second(self) -> float:
+        simulated = self.n_simulations * (1 - self.chunks_resumed / max(self.n_chunks, 1))
+        return simulated / self.seconds if self.seconds > 0 else float("inf")
+
+    def __str__(self) -> str:
+        lines = [f"training set    {self.path}"]
+        if self.already_complete:
+            lines.append("status          already complete: nothing simulated")
+        lines += [
+            f"simulations     {self.n_simulations:,} ({self.n_valid:,} valid, {self.n_nonfinite:,} non-finite, {self.n_failed:,} failed)",
+            f"chunks          {self.n_chunks} ({self.chunks_resumed} resumed from an earlier run)",
+            f"time            {self.seconds:.2f} s ({self.simulations_per_second:,.0f} simulations/s)",
+        ]
+        for name, shape in self.shapes.items():
+            lines.append(f"  {name:<14}{shape}")
+        if self.first_error:
+            lines.append(f"first error     {self.first_error}")
+        return "\n".join(lines)
+
+
+def _run_description(simulator: Any, prior: Any, n: int, seed: int, chunk_size: int) -> dict[str, Any]:
+    config = simulator.config() if hasattr(simulator, "config") else {}
+    return {
+        "simulator": str(simulator.name),
+        "simulator_version": str(getattr(simulator, "version", "0")),
+        "simulator_config": _json(config),
+        "prior": _json(prior.to_dict()),
+        "seed": int(seed),
+        "n_simulations": int(n),
+        "chunk_size": int(chunk_size),
+        "n_chunks": -(-int(n) // int(chunk_size)),
+        "parameter_names": _json(list(simulator.parameter_names)),
+        "parameter_units": _json(list(getattr(simulator, "parameter_units", None) or [""] * len(simulator.parameter_names))),
+        "observable_names": _json(getattr(simulator, "observable_names", None)),
+        "observable_shape": list(simulator.observable_shape),
+    }
+
+
+def _differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    return [key for key in _RUN_KEYS if a.get(key) != b.get(key)]
+
+
+def _save_shard(path: Path, chunk: dict[str, Any]) -> None:
+    arrays: dict[str, np.ndarray] = {
+        "theta": chunk["theta"],
+        "x": chunk["x"],
+        "valid": chunk["valid"],
+        "n_failed": np.asarray(chunk["n_failed"]),
+        "first_error": np.asarray(chunk["first_error"]),
+    }
+    for group in ("latents", "augmented"):
+        for key, value in chunk[group].items():
+            arrays[f"{group}.{key}"] = value
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as handle:
+        np.savez(handle, **arrays)
+    os.replace(tmp, path)  # atomic: a shard is either complete or absent
+
+
+def _load_shard(path: Path) -> dict[str, Any]:
+    with np.load(path, allow_pickle=False) as npz:
+        chunk: dict[str, Any] = {"latents": {}, "augmented": {}}
+        for key in npz.files:
+            if "." in key:
+                group, name = key.split(".", 1)
+                chunk[group][name] = npz[key]
+            else:
+                chunk[key] = npz[key]
+    chunk["n_failed"] = int(chunk["n_failed"])
+    chunk["first_error"] = str(chunk["first_error"])
+    return chunk
+
+
+def _shard_ok(path: Path) -> bool:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return "x.npy" in archive.namelist() and archive.testzip() is None
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def _simulate_chunk_to_shard(
+    simulator: Any, prior: Any, index: int, size: int, seed_sequence: np.random.SeedSequence, shard: Path
+) -> dict[str, Any]:
+    chunk = run_chunk(simulator, prior, size, seed_sequence)
+    _save_shard(shard, chunk)
+    return {"index": index, "n_failed": chunk["n_failed"], "first_error": chunk["first_error"]}
+
+
+class _Assembler:
+    """Writes chunks into the temporary HDF5 file at their row offsets, in any order."""
+
+    def __init__(self, path: Path, run: dict[str, Any], compression: str | None):
+        self.path = path
+        self.run = run
+        self.compression = compression
+        self.file = h5py.File(path, "w")
+        self.created = False
+        self.valid = np.zeros(run["n_simulations"], dtype=bool)
+        self.n_failed = 0
+        self.first_errors: dict[int, str] = {}
+
+    def _create(self, chunk: dict[str, Any]) -> None:
+        n = self.run["n_simulations"]
+        items = [("theta", chunk["theta"]), ("x", chunk["x"])]
+        items += [(f"latents/{k}", v) for k, v in chunk["latents"].items()]
+        items += [(f"augmented/{k}", v) for k, v in chunk["augmented"].items()]
+        for name, value in items:
+            row_bytes = max(1, value[0].nbytes if len(value) else value.itemsize)
+            rows = int(max(1, min(self.run["chunk_size"], n, (1 << 20) // row_bytes)))
+            kwargs: dict[str, Any] = {"chunks": (rows, *value.shape[1:])}
+            if self.compression:
+                kwargs.update(compression=self.compression, shuffle=True)
+                if self.compression == "gzip":
+                    kwargs["compression_opts"] = 1
+            self.file.create_dataset(name, shape=(n, *value.shape[1:]), dtype=value.dtype, **kwargs)
+        self.created = True
+
+    def write(self, index: int, chunk: dict[str, Any]) -> None:
+        if not self.created:
+            self._create(chunk)
+        start = index * self.run["chunk_size"]
+        stop = start + len(chunk["x"])
+        self.file["theta"][start:stop] = chunk["theta"]
+        self.file["x"][start:stop] = chunk["x"]
+        for group in ("latents", "augmented"):
+            for key, value in chunk[group].items():
+                self.file[f"{group}/{key}"][start:stop] = value
+        self.valid[start:stop] = chunk["valid"]
+        self.n_failed += chunk["n_failed"]
+        if chunk["first_error"]:
+            self.first_errors[index] = chunk["first_error"]
+
+    def finish(self) -> dict[str, Any]:
+        n = self.run["n_simulations"]
+        self.file.create_dataset("valid", data=self.valid, chunks=(min(n, 1 << 16),))
+        x = self.file["x"]
+        n_valid = int(self.valid.sum())
+        counts = {
+            "n_valid": n_valid,
+            "n_failed": int(self.n_failed),
+            "n_nonfinite": int(n - n_valid - self.n_failed),
+            # The error of the earliest chunk, so the message does not depend on completion order.
+            "first_error": self.first_errors[min(self.first_errors)] if self.first_errors else "",
+        }
+        attrs = self.file.attrs
+        for key, value in self.run.items():
+            attrs[key] = value
+        for key, value in counts.items():
+            attrs[key] = value
+        attrs["format"] = FORMAT
+        attrs["format_version"] = FORMAT_VERSION
+        attrs["package_version"] = _package_version()
+        attrs["complete"] = True
+        shapes = {name: tuple(self.file[name].shape) for name in ("theta", "x")}
+        shapes.update({f"latents/{k}": tuple(v.shape) for k, v in self.file.get("latents", {}).items()})
+        del x
+        self.file.flush()
+        self.file.close()
+        with open(self.path, "rb+") as handle:
+            os.fsync(handle.fileno())
+        return {**counts, "shapes": shapes}
+
+    def abort(self) -> None:
+        with contextlib.suppress(Exception):
+            self.file.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(self.path)
+
+
+def _check_writable(path: Path) -> None:
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.exists():
+        raise StoreError(f"cannot write {path}: the directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise StoreError(f"cannot write {path}: no write permission in {parent}")
+    if path.exists() and path.is_dir():
+        raise StoreError(f"cannot write {path}: it is a directory")
+
+
+def simulate_to_hdf5(
+    simulator: Any,
+    n: int,
+    path: str | os.PathLike[str],
+    seed: int | None = None,
+    chunk_size: int = 1000,
+    workers: int = 1,
+    prior: Any = None,
+    overwrite: bool = False,
+    compression: str | None = "lzf",
+    progress: bool = True,
+) -> SimulationSummary:
+    """Simulate ``n`` (θ, x) pairs into an HDF5 training set, crash-safe and resumable.
+
+    Arguments:
+        simulator: An object following the simulator protocol (see :mod:`sbi_gen.simulate`).
+        n: Number of simulations.
+        path: Output file.
+        seed: Root seed; ``None`` picks one at random (recorded in the file, and reused when an
+            unfinished run at ``path`` is resumed).
+        chunk_size: Simulations per chunk: the unit of parallel work, of random streams and of
+            crash recovery. Part of the run's identity: the same seed and chunk size give the same data.
+        workers: Local worker processes.
+        prior: Distribution of θ; defaults to ``simulator.prior``.
+        overwrite: Replace an existing file or unfinished run that differs from this one.
+        compression: ``"lzf"`` (fast, h5py), ``"gzip"`` (portable) or ``None``.
+        progress: Show a progress bar on stderr.
+
+    Returns:
+        A :class:`SimulationSummary`.
+    """
+    path = Path(path)
+    prior = prior if prior is not None else getattr(simulator, "prior", None)
+    if prior is None:
+        raise StoreError(f"simulator {simulator.name!r} has no default prior: pass prior=")
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n <= 0:
+        raise StoreError(f"the number of simulations must be a positive integer, got {n!r}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size <= 0:
+        raise StoreError(f"the chunk size must be a positive integer, got {chunk_size!r}")
+    if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers <= 0:
+        raise StoreError(f"the number of workers must be a positive integer, got {workers!r}")
+    if compression not in (None, "lzf", "gzip"):
+        raise StoreError(f"compression must be 'lzf', 'gzip' or None, got {compression!r}")
+    _check_writable(path)
+    partial = _partial_dir(path)
+    manifest_path = partial / _MANIFEST
+    started = time.perf_counter()
+
+    if seed is None and manifest_path.exists() and not overwrite:
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            seed = int(json.loads(manifest_path.read_text())["seed"])
+    if seed is None:
+        seed = int(np.random.SeedSequence().entropy % (2**63))
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise StoreError(f"the seed must be a non-negative integer, got {seed!r}")
+    run = _run_description(simulator, prior, int(n), int(seed), int(chunk_size))
+
+    if path.exists():
+        existing = None
+        with contextlib.suppress(StoreError):
+            existing = read_info(path)
+        if existing is not None and not _differences(existing, run) and not overwrite:
+            shutil.rmtree(partial, ignore_errors=True)
+            return SimulationSummary(
+                str(path), run["n_simulations"], existing["n_valid"], existing["n_nonfinite"], existing["n_failed"],
+                existing["first_error"], time.perf_counter() - started, run["n_chunks"], run["n_chunks"], True,
+            )
+        if not overwrite:
+            what = "a different training set" if existing is not None else "a file that is not an sbi_gen training set"
+            detail = f" (differs in {', '.join(_differences(existing, run))})" if existing is not None else ""
+            raise StoreError(f"{path} already holds {what}{detail}; pass --overwrite (overwrite=True) to replace it")
+        path.unlink()
+
+    if partial.exists():
+        try:
+            previous = json.loads(manifest_path.read_text())
+        except (OSError, ValueError):
+            previous = None
+        if previous is None or _differences(previous, run):
+            if not overwrite:
+                detail = f"differs in {', '.join(_differences(previous, run))}" if previous else "unreadable manifest"
+                raise StoreError(
+                    f"an unfinished run of a different training set is at {partial} ({detail}); "
+                    "rerun it with its own settings, or pass --overwrite (overwrite=True) to discard it"
+                )
+            shutil.rmtree(partial)
+    partial.mkdir(exist_ok=True)
+    if not manifest_path.exists():
+        tmp = manifest_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(run, indent=1))
+        os.replace(tmp, manifest_path)
+
+    n_chunks = run["n_chunks"]
+    sizes = [min(chunk_size, n - i * chunk_size) for i in range(n_chunks)]
+    shards = [partial / _SHARD.format(i) for i in range(n_chunks)]
+    done = [shard.exists() and _shard_ok(shard) for shard in shards]
+    seeds = chunk_seeds(int(seed), n_chunks)
+    todo = [i for i in range(n_chunks) if not done[i]]
+
+    tmp_h5 = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    assembler = _Assembler(tmp_h5, run, compression)
+    bar = _progress_bar(n, progress, initial=sum(sizes[i] for i in range(n_chunks) if done[i]))
+    try:
+        # Chunks already on disk from an earlier run go straight into the file.
+        for i in range(n_chunks):
+            if done[i]:
+                assembler.write(i, _load_shard(shards[i]))
+        # Workers inherit the simulator through fork: only chunk indices and seeds are pickled.
+        task = functools.partial(_simulate_chunk_to_shard, simulator, prior)
+        tasks = [(i, sizes[i], seeds[i], shards[i]) for i in todo]
+        for _, info in run_tasks(task, tasks, workers=workers):
+            i = info["index"]
+            assembler.write(i, _load_shard(shards[i]))
+            if bar is not None:
+                bar.update(sizes[i])
+        counts = assembler.finish()
+    except BaseException:
+        assembler.abort()
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    os.replace(tmp_h5, path)
+    shutil.rmtree(partial, ignore_errors=True)
+    return SimulationSummary(
+        str(path), n, counts["n_valid"], counts["n_nonfinite"], counts["n_failed"], counts["first_error"],
+        time.perf_counter() - started, n_chunks - len(todo), n_chunks, False, counts["shapes"],
+    )
+
+
+def _progress_bar(total: int, enabled: bool, initial: int) -> Any:
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, unit="sim", desc="simulating", dynamic_ncols=True, smoothing=0.1)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value
+
+
+def read_info(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Validate a training-set file and return its metadata (root attributes, JSON decoded, plus shapes).
+
+    Raises:
+        StoreError: with a one-line reason for a missing, unfinished, truncated, corrupt or foreign file.
+    """
+    path = Path(path)
+    if not path.exists():
+        partial = _partial_dir(path)
+        if (partial / _MANIFEST).exists():
+            run = json.loads((partial / _MANIFEST).read_text())
+            n_done = len(list(partial.glob("chunk-*.npz")))
+            raise StoreError(
+                f"{path} is unfinished: {n_done} of {run['n_chunks']} chunks are simulated in {partial}; "
+                "run the same simulate command again to finish it"
+            )
+        raise StoreError(f"no such file: {path}")
+    if path.is_dir():
+        raise StoreError(f"{path} is a directory, not a training-set file")
+    try:
+        handle = h5py.File(path, "r")
+    except OSError as error:
+        raise StoreError(f"{path} is not a readable HDF5 file (truncated or corrupt): {str(error).splitlines()[0]}") from None
+    try:
+        with handle:
+            attrs = {key: _decode(handle.attrs[key]) for key in handle.attrs}
+            if attrs.get("format") != FORMAT:
+                raise StoreError(f"{path} is an HDF5 file but not an sbi_gen training set (no format attribute {FORMAT!r})")
+            if int(attrs.get("format_version", -1)) > FORMAT_VERSION:
+                raise StoreError(f"{path} has format version {attrs['format_version']}, newer than this sbi_gen reads ({FORMAT_VERSION})")
+            if not attrs.get("complete", False):
+                raise StoreError(f"{path} is marked unfinished; run the same simulate command again to finish it")
+            n = int(attrs["n_simulations"])
+            shapes: dict[str, tuple[int, ...]] = {}
+            for name in ("theta", "x", "valid"):
+                if name not in handle:
+                    raise StoreError(f"{path} is missing the dataset {name!r}")
+            for group in ("latents", "augmented"):
+                for key in handle.get(group, {}):
+                    shapes[f"{group}/{key}"] = tuple(handle[f"{group}/{key}"].shape)
+            for name in ("theta", "x", "valid"):
+                shapes[name] = tuple(handle[name].shape)
+            for name, shape in shapes.items():
+                if shape[0] != n:
+                    raise StoreError(f"{path} is inconsistent: {name} has {shape[0]} rows, the file says {n} simulations")
+            # Read the last rows: a truncated file fails here rather than during training.
+            handle["x"][n - 1 : n]
+            handle["valid"][n - 1 : n]
+    except StoreError:
+        raise
+    except (OSError, KeyError, RuntimeError) as error:
+        raise StoreError(f"{path} is corrupt or truncated: {str(error).splitlines()[0]}") from None
+    for key in ("simulator_config", "prior", "parameter_names", "parameter_units", "observable_names"):
+        if isinstance(attrs.get(key), str):
+            attrs[key + "_decoded"] = json.loads(attrs[key])
+    attrs["shapes"] = shapes
+    attrs["file_bytes"] = path.stat().st_size
+    return attrs
+
+
+@dataclass
+class TrainingSet:
+    """Simulations loaded from a file: tensors plus the file's metadata.
+
+    ``theta`` (n, D), ``x`` (n, *shape), ``valid`` (n,) bool, and ``latents`` / ``augmented``
+    dicts when asked for. ``rows`` are the file rows that were loaded.
+    """
+
+    theta: torch.Tensor
+    x: torch.Tensor
+    valid: torch.Tensor
+    rows: np.ndarray
+    info: dict[str, Any]
+    latents: dict[str, torch.Tensor] = field(default_factory=dict)
+    augmented: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.theta)
+
+    @property
+    def prior(self) -> Any:
+        """The prior the file was simulated from."""
+        from sbi_gen.priors import prior_from_dict
+
+        return prior_from_dict(self.info["prior_decoded"])
+
+    @property
+    def parameter_names(self) -> list[str]:
+        return list(self.info["parameter_names_decoded"])
+
+
+def load(
+    path: str | os.PathLike[str],
+    rows: slice | Sequence[int] | None = None,
+    valid_only: bool = True,
+    latents: bool = False,
+    augmented: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> TrainingSet:
+    """Load a training set (all rows, a slice, or given rows) as tensors.
+
+    Arguments:
+        path: The file.
+        rows: A slice or sorted row indices to read; ``None`` reads everything.
+        valid_only: Drop rows whose simulation failed or produced non-finite x.
+        latents: Also load ``latents/*``.
+        augmented: Also load ``augmented/*``.
+        dtype: Floating dtype of the returned tensors.
+    """
+    info = read_info(path)
+    n = int(info["n_simulations"])
+    if rows is None:
+        selection: Any = slice(0, n)
+    elif isinstance(rows, slice):
+        selection = slice(*rows.indices(n))
+    else:
+        selection = np.asarray(rows, dtype=np.int64)
+        if selection.ndim != 1 or (len(selection) and (selection.min() < 0 or selection.max() >= n)):
+            raise StoreError(f"row indices must be 1-D and within [0, {n}) for {path}")
+        if np.any(np.diff(selection) <= 0):
+            raise StoreError("row indices must be sorted and unique")
+    with h5py.File(path, "r") as handle:
+        valid = handle["valid"][selection]
+        index = np.arange(n)[selection]
+        keep = valid if valid_only else np.ones_like(valid)
+
+        def read(name: str) -> torch.Tensor:
+            array = handle[name][selection][keep]
+            tensor = torch.from_numpy(np.ascontiguousarray(array))
+            return tensor.to(dtype) if tensor.is_floating_point() else tensor
+
+        data = TrainingSet(
+            theta=read("theta"),
+            x=read("x"),
+            valid=torch.from_numpy(valid[keep]),
+            rows=index[keep],
+            info=info,
+        )
+        for flag, group, target in ((latents, "latents", data.latents), (augmented, "augmented", data.augmented)):
+            if flag:
+                for key in handle.get(group, {}):
+                    target[key] = read(f"{group}/{key}")
+    return data
+
+
+def train_val_split(n: int, val_fraction: float = 0.1, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Reproducible random split of ``n`` rows into sorted train and validation indices.
+
+    Example:
+        >>> train, val = train_val_split(10, 0.2, seed=0)
+        >>> len(train), len(val)
+        (8, 2)
+    """
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    if n < 2:
+        raise ValueError(f"need at least 2 rows to split into training and validation, got {n}")
+    n_val = max(1, int(round(n * val_fraction)))
+    order = np.random.default_rng(seed).permutation(n)
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
