@@ -62,7 +62,7 @@ Potential = Callable[[Tensor], Tensor]
 
 # Width of a slice-sampling interval, in standard deviations along a frame direction, once
 # the frame has been adapted (about the width of a typical Gaussian slice; see run_mcmc).
-_ADAPTED_WIDTH = 3.0
+_ADAPTED_WIDTH = 4.0
 # Dual averaging constants of Hoffman & Gelman (2014), as in Stan.
 _DA_GAMMA, _DA_T0, _DA_KAPPA = 0.05, 10.0, 0.75
 
@@ -75,8 +75,7 @@ def _evaluate(potential: Potential, x: Tensor, counter: dict[str, int] | None = 
         raise ValueError(f"the potential must map (N, D) to (N,); got {shape} for input {tuple(x.shape)}")
     if counter is not None:
         counter["n_evals"] = counter.get("n_evals", 0) + x.shape[0]
-    out = out.to(x.dtype)
-    return torch.where(torch.isnan(out), torch.full_like(out, -torch.inf), out)
+    return torch.nan_to_num(out.to(x.dtype), nan=-torch.inf, posinf=torch.inf, neginf=-torch.inf)
 
 
 def _value_and_grad(potential: Potential, x: Tensor, counter: dict[str, int]) -> tuple[Tensor, Tensor]:
@@ -139,48 +138,48 @@ def _slice_update(
 
     Stepping-out with Neal's random split of ``max_expansions`` between the two ends keeps the
     update reversible; shrinkage runs at most ``max_shrinks`` rounds, after which chains that
-    found no point stay where they are (counted in ``counter["shrink_failures"]``).
+    found no point stay where they are (counted in ``counter["shrink_failures"]``). Only chains
+    still expanding or shrinking are evaluated.
     """
     n, dtype = x.shape[0], x.dtype
-    log_y = logp - torch.empty(n, dtype=dtype).exponential_(generator=generator)
-    left = -torch.rand(n, dtype=dtype, generator=generator)
+    noise = torch.rand(3, n, dtype=dtype, generator=generator)
+    log_y = logp + torch.log(noise[0])  # log of a uniform height under the density
+    left = -noise[1]
     right = left + 1.0
-    budget_left = torch.floor(max_expansions * torch.rand(n, dtype=dtype, generator=generator))
+    budget_left = torch.floor(max_expansions * noise[2])
     budget_right = (max_expansions - 1) - budget_left
 
-    both = _evaluate(potential, torch.cat([x + left[:, None] * direction, x + right[:, None] * direction]), counter)
-    f_left, f_right = both[:n], both[n:]
-    grow_left = (f_left > log_y) & (budget_left > 0)
-    grow_right = (f_right > log_y) & (budget_right > 0)
-    while bool((grow_left | grow_right).any()):
+    ends = torch.cat([x + left[:, None] * direction, x + right[:, None] * direction])
+    grow = (_evaluate(potential, ends, counter) > log_y.repeat(2)) & (torch.cat([budget_left, budget_right]) > 0)
+    grow_left, grow_right = grow[:n], grow[n:]
+    while bool(grow.any()):
         left = left - grow_left.to(dtype)
         right = right + grow_right.to(dtype)
         budget_left = budget_left - grow_left.to(dtype)
         budget_right = budget_right - grow_right.to(dtype)
-        i_left, i_right = grow_left.nonzero().squeeze(1), grow_right.nonzero().squeeze(1)
-        points = torch.cat(
-            [x[i_left] + left[i_left, None] * direction, x[i_right] + right[i_right, None] * direction]
-        )
-        f = _evaluate(potential, points, counter)
-        f_left[i_left], f_right[i_right] = f[: i_left.numel()], f[i_left.numel() :]
-        grow_left = grow_left & (f_left > log_y) & (budget_left > 0)
-        grow_right = grow_right & (f_right > log_y) & (budget_right > 0)
+        # Evaluate only the ends that moved: rows i of (left ends, right ends) where grow[i].
+        idx = grow.nonzero().squeeze(1)
+        ends = torch.cat([left, right])[idx, None] * direction + x.repeat(2, 1)[idx]
+        still = _evaluate(potential, ends, counter) > log_y.repeat(2)[idx]
+        budgets = torch.cat([budget_left, budget_right])[idx]
+        grow = torch.zeros_like(grow).index_put_((idx,), still & (budgets > 0))
+        grow_left, grow_right = grow[:n], grow[n:]
 
     x_new, logp_new = x.clone(), logp.clone()
-    active = torch.ones(n, dtype=torch.bool)
+    idx = torch.arange(n)
     for _ in range(max_shrinks):
-        idx = active.nonzero().squeeze(1)
-        t = left[idx] + (right[idx] - left[idx]) * torch.rand(idx.numel(), dtype=dtype, generator=generator)
+        t = left + (right - left) * torch.rand(idx.numel(), dtype=dtype, generator=generator)
         points = x[idx] + t[:, None] * direction
         f = _evaluate(potential, points, counter)
-        inside = f > log_y[idx]
+        inside = f > log_y
         x_new[idx[inside]], logp_new[idx[inside]] = points[inside], f[inside]
-        active[idx[inside]] = False
-        left[idx] = torch.where(~inside & (t < 0), t, left[idx])
-        right[idx] = torch.where(~inside & (t >= 0), t, right[idx])
-        if not bool(active.any()):
+        outside = ~inside
+        idx, t, left, right, log_y = idx[outside], t[outside], left[outside], right[outside], log_y[outside]
+        if idx.numel() == 0:
             break
-    counter["shrink_failures"] = counter.get("shrink_failures", 0) + int(active.sum())
+        left = torch.where(t < 0, t, left)
+        right = torch.where(t >= 0, t, right)
+    counter["shrink_failures"] = counter.get("shrink_failures", 0) + idx.numel()
     return x_new, logp_new
 
 
@@ -203,8 +202,8 @@ def slice_sample(
     every chain does a 1-D slice update (Neal 2003) with an interval of length ``|B[:, d]|``,
     stepping out at most ``max_expansions`` times and shrinking at most ``max_shrinks`` times.
     ``B`` starts as ``diag(width)``; with ``adapt`` it is re-estimated at warm-up steps
-    ``warmup/8, /4, /2`` as ``3 L`` with ``L`` the Cholesky factor of the covariance pooled
-    over all chains, so that every direction is about 3 standard deviations long and the
+    ``warmup/8, /4, /2`` as ``4 L`` with ``L`` the Cholesky factor of the covariance pooled
+    over all chains, so that every direction is about 4 standard deviations long and the
     directions of a Gaussian target are independent. The frame is fixed after warm-up, so
     the returned draws come from a fixed, target-invariant kernel.
 

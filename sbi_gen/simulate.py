@@ -216,17 +216,20 @@ def run_chunk(simulator: Any, prior: Any, n: int, seed_sequence: np.random.SeedS
     first_error = ""
     n_failed = 0
     try:
-        result = _check_output(simulator, simulator.simulate(theta64, np.random.default_rng(sim_seed)), n)
-    except Exception as batch_error:  # noqa: BLE001 - any user error becomes a per-row retry
+        raw = simulator.simulate(theta64, np.random.default_rng(sim_seed))
+    except Exception as batch_error:  # noqa: BLE001 - any error inside the simulator becomes a per-row retry
         rows = []
         for i, row_seed in enumerate(sim_seed.spawn(n)):
             try:
-                rows.append(_check_output(simulator, simulator.simulate(theta64[i : i + 1], np.random.default_rng(row_seed)), 1))
+                raw_row = simulator.simulate(theta64[i : i + 1], np.random.default_rng(row_seed))
             except Exception as error:  # noqa: BLE001
                 n_failed += 1
                 if not first_error:
                     first_error = f"{type(error).__name__}: {error}"
                 rows.append(None)
+                continue
+            # A wrong output shape is a bug in the simulator's wrapper, not a failed row: raise it.
+            rows.append(_check_output(simulator, raw_row, 1))
         good = [r for r in rows if r is not None]
         if not good:
             raise RuntimeError(f"simulator {simulator.name!r} failed for every parameter in a chunk: {first_error}") from batch_error
@@ -240,6 +243,8 @@ def run_chunk(simulator: Any, prior: Any, n: int, seed_sequence: np.random.SeedS
         result = {"x": _stack(lambda r: r["x"])}
         for group in ("latents", "augmented"):
             result[group] = {k: _stack(lambda r, g=group, k=k: r[g][k]) for k in template[group]}
+    else:
+        result = _check_output(simulator, raw, n)
     x = result["x"]
     finite = np.isfinite(x.reshape(n, -1)).all(axis=1) if np.issubdtype(x.dtype, np.floating) else np.ones(n, bool)
     return {

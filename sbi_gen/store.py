@@ -34,6 +34,7 @@ import functools
 import json
 import os
 import shutil
+import tempfile
 import time
 import zipfile
 from collections.abc import Sequence
@@ -275,12 +276,15 @@ class _Assembler:
 
 def _check_writable(path: Path) -> None:
     parent = path.parent if str(path.parent) else Path(".")
-    if not parent.exists():
+    if not parent.is_dir():
         raise StoreError(f"cannot write {path}: the directory {parent} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise StoreError(f"cannot write {path}: no write permission in {parent}")
-    if path.exists() and path.is_dir():
+    if path.is_dir():
         raise StoreError(f"cannot write {path}: it is a directory")
+    try:  # a real probe: permissions, read-only mounts and odd file systems all show up here
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".sbi_gen-probe-"):
+            pass
+    except OSError as error:
+        raise StoreError(f"cannot write {path}: {error.strerror or error} in {parent}") from None
 
 
 def simulate_to_hdf5(

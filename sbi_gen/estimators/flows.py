@@ -1,0 +1,241 @@
+r"""Normalizing-flow estimators, wrapping :mod:`zuko` flows with ``context = F`` embedded features.
+
+A flow is a bijection :math:`f` from :math:`y` to a standard normal :math:`z` whose
+log-density is exact by the change of variables,
+:math:`\log q(y \mid c) = \log \mathcal{N}(f(y; c)) + \log |\det \partial f / \partial y|`.
+Training minimizes the negative log-likelihood.
+
+- :class:`NSF` (the default estimator): autoregressive rational-quadratic spline flow.
+- :class:`MAF`: masked autoregressive flow with affine transforms.
+- :class:`CNF`: continuous flow (FFJORD); exact log-density through an ODE solve.
+
+Example:
+    >>> est = NSF(2, (3,), transforms=2, hidden_features=(32, 32))
+    >>> dist = est(torch.randn(10, 3))
+    >>> dist.sample((4,)).shape, dist.log_prob(torch.randn(10, 2)).shape
+    (torch.Size([4, 10, 2]), torch.Size([10]))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import zuko
+from torch import Tensor
+from torch.distributions import Distribution
+
+from sbi_gen.estimators.base import ConditionalEstimator
+
+__all__ = [
+    "CNF",
+    "MAF",
+    "NSF",
+]
+
+
+class NSF(ConditionalEstimator):
+    r"""Neural spline flow: autoregressive monotonic rational-quadratic spline transforms.
+
+    Splines act on :math:`[-5, 5]` (identity outside), which the z-scoring of :math:`y`
+    makes the bulk of the data. Sampling inverts each autoregressive transform in ``passes``
+    sequential network evaluations (``y_dim`` when fully autoregressive); ``passes=2`` gives
+    coupling transforms, which sample in 2.
+
+    Defaults were chosen by measurement (CPU, 2 threads, Adam lr 1e-3, batch 256, 10 000
+    training pairs, 1500 steps, held-out NLL minus the exact conditional entropy, two
+    problems: a 2-D banana :math:`y_2 \mid y_1 \sim \mathcal{N}(y_1^2 + c_2, 0.3^2)` and a 10-D
+    correlated Gaussian with heteroscedastic, :math:`c`-dependent mean and scale, see the
+    commit notes): 5 transforms, hidden ``(128, 128)`` and 8 bins reached the lowest excess NLL
+    of the grid {3, 5} transforms × {(64, 64), (128, 128)} hidden × {8, 16} bins within the
+    same number of steps, fully autoregressive beat coupling (``passes=2``) in 10-D at equal
+    steps, at about 1.5 ms per training step more than (64, 64).
+
+    Arguments:
+        y_dim: Dimension of :math:`y`.
+        c_shape: Shape of one condition.
+        embedding: Embedding name (see :class:`ConditionalEstimator`).
+        embedding_kwargs: Embedding keyword arguments.
+        y_prior: Prior of :math:`y` as a dict, for bounded supports.
+        transforms: Number of autoregressive spline transforms.
+        hidden_features: Hidden widths of each transform's masked MLP.
+        bins: Number of spline bins.
+        passes: ``None`` for fully autoregressive transforms, ``2`` for coupling transforms.
+
+    Example:
+        >>> est = NSF(1, (2,), transforms=2, hidden_features=(16,))
+        >>> est(torch.randn(2)).sample((3,)).shape
+        torch.Size([3, 1])
+    """
+
+    name = "nsf"
+
+    def __init__(
+        self,
+        y_dim: int,
+        c_shape: Sequence[int],
+        *,
+        embedding: str | None = None,
+        embedding_kwargs: dict[str, Any] | None = None,
+        y_prior: dict[str, Any] | None = None,
+        transforms: int = 5,
+        hidden_features: Sequence[int] = (128, 128),
+        bins: int = 8,
+        passes: int | None = None,
+    ):
+        super().__init__(y_dim, c_shape, embedding=embedding, embedding_kwargs=embedding_kwargs, y_prior=y_prior)
+        self.transforms = int(transforms)
+        self.hidden_features = [int(h) for h in hidden_features]
+        self.bins = int(bins)
+        self.passes = None if passes is None else int(passes)
+        self.flow = zuko.flows.NSF(
+            features=self.y_dim,
+            context=self.context_features,
+            transforms=self.transforms,
+            bins=self.bins,
+            passes=self.passes,
+            hidden_features=self.hidden_features,
+        )
+
+    def core(self, h: Tensor) -> Distribution:
+        return self.flow(h)
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return {
+            "transforms": self.transforms,
+            "hidden_features": list(self.hidden_features),
+            "bins": self.bins,
+            "passes": self.passes,
+        }
+
+
+class MAF(ConditionalEstimator):
+    r"""Masked autoregressive flow: autoregressive monotonic affine transforms.
+
+    Cheaper per transform than :class:`NSF` but less flexible (each conditional is a
+    Gaussian pushed through affine maps); sampling needs ``passes`` network evaluations
+    per transform.
+
+    Arguments:
+        y_dim: Dimension of :math:`y`.
+        c_shape: Shape of one condition.
+        embedding: Embedding name (see :class:`ConditionalEstimator`).
+        embedding_kwargs: Embedding keyword arguments.
+        y_prior: Prior of :math:`y` as a dict, for bounded supports.
+        transforms: Number of autoregressive transforms.
+        hidden_features: Hidden widths of each transform's masked MLP.
+        passes: ``None`` for fully autoregressive transforms, ``2`` for coupling transforms.
+
+    Example:
+        >>> est = MAF(2, (3,), transforms=2, hidden_features=(16,))
+        >>> est(torch.randn(5, 3)).log_prob(torch.randn(5, 2)).shape
+        torch.Size([5])
+    """
+
+    name = "maf"
+
+    def __init__(
+        self,
+        y_dim: int,
+        c_shape: Sequence[int],
+        *,
+        embedding: str | None = None,
+        embedding_kwargs: dict[str, Any] | None = None,
+        y_prior: dict[str, Any] | None = None,
+        transforms: int = 5,
+        hidden_features: Sequence[int] = (128, 128),
+        passes: int | None = None,
+    ):
+        super().__init__(y_dim, c_shape, embedding=embedding, embedding_kwargs=embedding_kwargs, y_prior=y_prior)
+        self.transforms = int(transforms)
+        self.hidden_features = [int(h) for h in hidden_features]
+        self.passes = None if passes is None else int(passes)
+        self.flow = zuko.flows.MAF(
+            features=self.y_dim,
+            context=self.context_features,
+            transforms=self.transforms,
+            passes=self.passes,
+            hidden_features=self.hidden_features,
+        )
+
+    def core(self, h: Tensor) -> Distribution:
+        return self.flow(h)
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return {"transforms": self.transforms, "hidden_features": list(self.hidden_features), "passes": self.passes}
+
+
+class CNF(ConditionalEstimator):
+    r"""Continuous normalizing flow (FFJORD) with a free-form MLP vector field.
+
+    :math:`dz/dt = g_\phi(t, z, h)`, integrated from :math:`t = 0` to 1 by adaptive
+    Dormand–Prince with adjoint gradients. Cost: ``log_prob`` and ``loss`` integrate the
+    state together with the exact Jacobian trace (``exact=True``: ``y_dim`` vector–Jacobian
+    products per function evaluation, tens of evaluations per solve), easily 10–100× an
+    :class:`NSF` evaluation and growing as training sharpens the field; sampling integrates
+    the state alone and is cheaper. ``exact=False`` uses Hutchinson's unbiased stochastic
+    trace, cheaper for large ``y_dim`` but then ``log_prob`` is a noisy estimate. In
+    ``eval()`` mode gradients do not reach the vector field's parameters (zuko passes them
+    to the adjoint only in training mode).
+
+    Arguments:
+        y_dim: Dimension of :math:`y`.
+        c_shape: Shape of one condition.
+        embedding: Embedding name (see :class:`ConditionalEstimator`).
+        embedding_kwargs: Embedding keyword arguments.
+        y_prior: Prior of :math:`y` as a dict, for bounded supports.
+        hidden_features: Hidden widths of the vector-field MLP.
+        freqs: Number of time-embedding frequencies.
+        atol: Absolute tolerance of the ODE solver.
+        rtol: Relative tolerance of the ODE solver.
+        exact: Exact Jacobian trace (``True``) or Hutchinson's estimate (``False``).
+
+    Example:
+        >>> est = CNF(2, (3,), hidden_features=(16,))
+        >>> est(torch.randn(5, 3)).sample((2,)).shape
+        torch.Size([2, 5, 2])
+    """
+
+    name = "cnf"
+
+    def __init__(
+        self,
+        y_dim: int,
+        c_shape: Sequence[int],
+        *,
+        embedding: str | None = None,
+        embedding_kwargs: dict[str, Any] | None = None,
+        y_prior: dict[str, Any] | None = None,
+        hidden_features: Sequence[int] = (128, 128),
+        freqs: int = 3,
+        atol: float = 1e-6,
+        rtol: float = 1e-5,
+        exact: bool = True,
+    ):
+        super().__init__(y_dim, c_shape, embedding=embedding, embedding_kwargs=embedding_kwargs, y_prior=y_prior)
+        self.hidden_features = [int(h) for h in hidden_features]
+        self.freqs = int(freqs)
+        self.atol = float(atol)
+        self.rtol = float(rtol)
+        self.exact = bool(exact)
+        self.flow = zuko.flows.CNF(
+            features=self.y_dim,
+            context=self.context_features,
+            hidden_features=self.hidden_features,
+            freqs=self.freqs,
+            atol=self.atol,
+            rtol=self.rtol,
+            exact=self.exact,
+        )
+
+    def core(self, h: Tensor) -> Distribution:
+        return self.flow(h)
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return {
+            "hidden_features": list(self.hidden_features),
+            "freqs": self.freqs,
+            "atol": self.atol,
+            "rtol": self.rtol,
+            "exact": self.exact,
+        }

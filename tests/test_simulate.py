@@ -1,0 +1,68 @@
+import numpy as np
+import pytest
+import torch
+
+from sbi_gen.priors import BoxUniform
+from sbi_gen.simulate import as_simulator, run_chunk, simulate
+
+PRIOR = BoxUniform([0.0, 0.0], [1.0, 1.0], names=["a", "b"])
+
+
+def test_numpy_function_with_rng_is_reproducible():
+    sim = as_simulator(lambda theta, rng: theta + rng.normal(size=theta.shape), PRIOR, name="noisy")
+    a = simulate(sim, n=300, seed=4, chunk_size=100)
+    b = simulate(sim, n=300, seed=4, chunk_size=100)
+    c = simulate(sim, n=300, seed=5, chunk_size=100)
+    assert a["x"].shape == (300, 2) and a["valid"].all()
+    assert np.array_equal(a["x"], b["x"]) and not np.array_equal(a["x"], c["x"])
+
+
+def test_torch_function_using_global_rng_is_made_reproducible():
+    sim = as_simulator(lambda theta: torch.as_tensor(theta) + torch.randn(len(theta), 2), PRIOR)
+    a = simulate(sim, n=50, seed=1)["x"]
+    torch.manual_seed(123)
+    b = simulate(sim, n=50, seed=1)["x"]
+    assert np.array_equal(a, b)
+
+
+def test_one_at_a_time_function_and_observable_shape_probe():
+    sim = as_simulator(lambda theta: np.array([theta.sum(), theta.prod(), 1.0]), PRIOR, batched=False)
+    assert sim.observable_shape == (3,)
+    out = simulate(sim, n=7, seed=0)
+    np.testing.assert_allclose(out["x"][:, 0], out["theta"].sum(axis=1), rtol=1e-6)
+
+
+def test_explicit_theta():
+    sim = as_simulator(lambda theta: 2 * theta, PRIOR)
+    out = simulate(sim, theta=np.array([[0.1, 0.2]]))
+    np.testing.assert_allclose(out["x"], [[0.2, 0.4]])
+    with pytest.raises(ValueError, match=r"theta must have shape \(n, 2\)"):
+        simulate(sim, theta=np.zeros((3, 3)))
+
+
+def test_wrong_output_shape_is_named():
+    sim = as_simulator(lambda theta: np.zeros((len(theta), 2)), PRIOR, observable_shape=(3,))
+    with pytest.raises(ValueError, match=r"returned x of shape \(4, 2\), expected \(4, 3\)"):
+        simulate(sim, n=4)
+
+
+@pytest.mark.parametrize("n", [0, -3, None])
+def test_non_positive_n_is_refused(n):
+    sim = as_simulator(lambda theta: theta, PRIOR)
+    with pytest.raises(ValueError, match="positive integer"):
+        simulate(sim, n=n)
+
+
+def test_raising_rows_are_isolated_and_counted():
+    def fragile(theta):
+        if np.any(theta[:, 0] > 0.8):
+            raise RuntimeError("diverged at large a")
+        return theta.copy()
+
+    sim = as_simulator(fragile, PRIOR, observable_shape=(2,))
+    chunk = run_chunk(sim, PRIOR, 200, np.random.SeedSequence(0))
+    bad = chunk["theta"][:, 0] > 0.8
+    assert chunk["n_failed"] == bad.sum() > 0
+    assert "diverged at large a" in chunk["first_error"]
+    assert np.array_equal(chunk["valid"], ~bad)
+    assert np.isnan(chunk["x"][bad]).all() and np.isfinite(chunk["x"][~bad]).all()

@@ -1,0 +1,244 @@
+"""The HDF5 store: determinism, crash safety (real kill -9), accounting and clear errors."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+from sbi_gen.priors import BoxUniform
+from sbi_gen.simulate import as_simulator, simulate
+from sbi_gen.store import StoreError, load, read_info, simulate_to_hdf5, train_val_split
+
+PRIOR = BoxUniform([0.0, 0.0], [1.0, 1.0], names=["a", "b"])
+
+
+def _toy(theta, rng):
+    x = theta + 0.1 * rng.normal(size=theta.shape)
+    x[theta[:, 0] > 0.97] = np.nan  # a region where the "simulator" fails numerically
+    return x
+
+
+def _with_latents(theta, rng):
+    return {"x": theta + rng.normal(size=theta.shape)}
+
+
+TOY = as_simulator(_toy, PRIOR, name="toy", observable_shape=(2,))
+
+
+def _datasets(path):
+    out = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda name, obj: out.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
+    return out
+
+
+def _assert_same(a, b):
+    da, db = _datasets(a), _datasets(b)
+    assert sorted(da) == sorted(db)
+    for key in da:
+        assert da[key].dtype == db[key].dtype, key
+        assert np.array_equal(da[key], db[key], equal_nan=True), key
+
+
+def test_identical_across_worker_counts_and_equal_to_memory(tmp_path):
+    one = simulate_to_hdf5(TOY, 5000, tmp_path / "w1.h5", seed=11, chunk_size=300, workers=1, progress=False)
+    simulate_to_hdf5(TOY, 5000, tmp_path / "w2.h5", seed=11, chunk_size=300, workers=2, progress=False)
+    _assert_same(tmp_path / "w1.h5", tmp_path / "w2.h5")
+    memory = simulate(TOY, n=5000, seed=11, chunk_size=300)
+    data = load(tmp_path / "w1.h5", valid_only=False)
+    assert np.array_equal(data.x.numpy(), memory["x"].astype(np.float32), equal_nan=True)
+    assert np.array_equal(data.theta.numpy(), memory["theta"])
+    # Non-finite outputs are flagged, counted and kept out of the default load.
+    expected_invalid = int((~np.isfinite(memory["x"]).all(axis=1)).sum())
+    assert expected_invalid > 0
+    assert one.n_nonfinite == expected_invalid and one.n_valid == 5000 - expected_invalid
+    info = read_info(tmp_path / "w1.h5")
+    assert info["n_nonfinite"] == expected_invalid and info["n_failed"] == 0
+    assert len(load(tmp_path / "w1.h5")) == 5000 - expected_invalid
+
+
+def test_self_describing_attributes(tmp_path):
+    simulate_to_hdf5(TOY, 100, tmp_path / "a.h5", seed=2, chunk_size=30, progress=False)
+    with h5py.File(tmp_path / "a.h5", "r") as f:
+        assert f.attrs["format"] == "sbi_gen.simulations"
+        assert f.attrs["complete"]
+        assert f.attrs["seed"] == 2 and f.attrs["chunk_size"] == 30 and f.attrs["n_chunks"] == 4
+        assert f["x"].compression == "lzf" and f["x"].chunks is not None
+    data = load(tmp_path / "a.h5")
+    assert data.parameter_names == ["a", "b"]
+    assert data.prior.to_dict() == PRIOR.to_dict()
+
+
+def test_raising_simulator_rows_marked_invalid_with_error(tmp_path):
+    def fragile(theta):
+        if np.any(theta[:, 1] < 0.1):
+            raise FloatingPointError("negative variance")
+        return theta.copy()
+
+    sim = as_simulator(fragile, PRIOR, observable_shape=(2,), name="fragile")
+    summary = simulate_to_hdf5(sim, 400, tmp_path / "f.h5", seed=0, chunk_size=100, progress=False)
+    theta = load(tmp_path / "f.h5", valid_only=False).theta.numpy()
+    assert summary.n_failed == int((theta[:, 1] < 0.1).sum()) > 0
+    assert "FloatingPointError: negative variance" in summary.first_error
+    assert read_info(tmp_path / "f.h5")["first_error"] == summary.first_error
+
+
+def test_rerun_is_a_no_op_and_mismatches_are_refused(tmp_path):
+    path = tmp_path / "a.h5"
+    simulate_to_hdf5(TOY, 200, path, seed=1, chunk_size=50, progress=False)
+    again = simulate_to_hdf5(TOY, 200, path, seed=1, chunk_size=50, progress=False)
+    assert again.already_complete
+    for kwargs, field in [({"seed": 2}, "seed"), ({"n": 300}, "n_simulations"), ({"chunk_size": 40}, "chunk_size")]:
+        args = {"n": 200, "seed": 1, "chunk_size": 50, **kwargs}
+        with pytest.raises(StoreError, match=f"different training set.*{field}.*--overwrite"):
+            simulate_to_hdf5(TOY, args["n"], path, seed=args["seed"], chunk_size=args["chunk_size"], progress=False)
+    other = as_simulator(_toy, BoxUniform([0.0, 0.0], [2.0, 1.0]), name="toy", observable_shape=(2,))
+    with pytest.raises(StoreError, match="prior"):
+        simulate_to_hdf5(other, 200, path, seed=1, chunk_size=50, progress=False)
+    simulate_to_hdf5(TOY, 200, path, seed=2, chunk_size=50, overwrite=True, progress=False)
+    assert read_info(path)["seed"] == 2
+
+
+def test_unfinished_run_is_not_mistaken_for_complete_and_resumes(tmp_path):
+    path = tmp_path / "a.h5"
+
+    calls = {"n": 0}
+
+    def flaky(theta, rng):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt  # stands for Ctrl-C in the middle of a run
+        return theta + rng.normal(size=theta.shape)
+
+    sim = as_simulator(flaky, PRIOR, name="flaky", observable_shape=(2,))
+    with pytest.raises(KeyboardInterrupt):
+        simulate_to_hdf5(sim, 1000, path, seed=5, chunk_size=100, progress=False)
+    assert not path.exists()
+    with pytest.raises(StoreError, match=r"unfinished: 3 of 10 chunks.*run the same simulate command again"):
+        load(path)
+    summary = simulate_to_hdf5(sim, 1000, path, seed=5, chunk_size=100, progress=False)
+    assert summary.chunks_resumed == 3
+    clean = as_simulator(lambda theta, rng: theta + rng.normal(size=theta.shape), PRIOR, name="flaky", observable_shape=(2,))
+    simulate_to_hdf5(clean, 1000, tmp_path / "b.h5", seed=5, chunk_size=100, progress=False)
+    _assert_same(path, tmp_path / "b.h5")
+    # A different unfinished run at the same path is refused, then discarded on request.
+    calls["n"] = 0
+    with pytest.raises(KeyboardInterrupt):
+        simulate_to_hdf5(sim, 1000, tmp_path / "c.h5", seed=5, chunk_size=100, progress=False)
+    with pytest.raises(StoreError, match="unfinished run of a different training set.*seed"):
+        simulate_to_hdf5(clean, 1000, tmp_path / "c.h5", seed=6, chunk_size=100, progress=False)
+    simulate_to_hdf5(clean, 1000, tmp_path / "c.h5", seed=6, chunk_size=100, overwrite=True, progress=False)
+    assert read_info(tmp_path / "c.h5")["seed"] == 6
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"n": 0}, "positive integer"),
+        ({"n": -5}, "positive integer"),
+        ({"n": 2.5}, "positive integer"),
+        ({"chunk_size": 0}, "chunk size"),
+        ({"workers": 0}, "workers"),
+        ({"seed": -1}, "seed"),
+        ({"compression": "zstd"}, "compression"),
+    ],
+)
+def test_bad_arguments(tmp_path, kwargs, match):
+    args = {"n": 10, "seed": 0, **kwargs}
+    n = args.pop("n")
+    with pytest.raises(StoreError, match=match):
+        simulate_to_hdf5(TOY, n, tmp_path / "a.h5", progress=False, **args)
+
+
+def test_unwritable_paths(tmp_path):
+    with pytest.raises(StoreError, match="does not exist"):
+        simulate_to_hdf5(TOY, 10, tmp_path / "missing" / "a.h5", seed=0, progress=False)
+    with pytest.raises(StoreError, match="is a directory"):
+        simulate_to_hdf5(TOY, 10, tmp_path, seed=0, progress=False)
+    # A read-only file system (root ignores permission bits, so use one the kernel refuses).
+    with pytest.raises(StoreError, match="cannot write"):
+        simulate_to_hdf5(TOY, 10, "/sys/a.h5", seed=0, progress=False)
+
+
+def test_corrupt_truncated_and_foreign_files(tmp_path):
+    good = tmp_path / "good.h5"
+    simulate_to_hdf5(TOY, 2000, good, seed=0, chunk_size=500, progress=False)
+    truncated = tmp_path / "truncated.h5"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(StoreError, match="truncated|corrupt"):
+        load(truncated)
+    garbage = tmp_path / "garbage.h5"
+    garbage.write_bytes(b"not an hdf5 file at all" * 10)
+    with pytest.raises(StoreError, match="not a readable HDF5 file"):
+        read_info(garbage)
+    foreign = tmp_path / "foreign.h5"
+    with h5py.File(foreign, "w") as f:
+        f["x"] = np.zeros(3)
+    with pytest.raises(StoreError, match="not an sbi_gen training set"):
+        load(foreign)
+    with pytest.raises(StoreError, match="no such file"):
+        load(tmp_path / "nothing.h5")
+
+
+def test_load_slices_rows_and_split(tmp_path):
+    path = tmp_path / "a.h5"
+    simulate_to_hdf5(TOY, 1000, path, seed=3, chunk_size=100, progress=False)
+    full = load(path, valid_only=False)
+    part = load(path, rows=slice(100, 200), valid_only=False)
+    assert np.array_equal(part.x.numpy(), full.x.numpy()[100:200], equal_nan=True)
+    picked = load(path, rows=[3, 10, 999], valid_only=False)
+    assert np.array_equal(picked.rows, [3, 10, 999])
+    with pytest.raises(StoreError, match="sorted"):
+        load(path, rows=[5, 3])
+    train, val = train_val_split(1000, 0.1, seed=0)
+    assert len(val) == 100 and len(np.intersect1d(train, val)) == 0 and len(train) + len(val) == 1000
+    assert np.array_equal(val, train_val_split(1000, 0.1, seed=0)[1])
+
+
+_DRIVER = textwrap.dedent(
+    """
+    import sys, time
+    import numpy as np
+    from sbi_gen.priors import BoxUniform
+    from sbi_gen.simulate import as_simulator
+    from sbi_gen.store import simulate_to_hdf5
+
+    def slow(theta, rng):
+        time.sleep(0.02)  # an expensive simulator: the kill lands mid-run
+        return theta * 2 + rng.normal(size=theta.shape)
+
+    sim = as_simulator(slow, BoxUniform([0.0, 0.0], [1.0, 1.0]), name="slow", observable_shape=(2,))
+    simulate_to_hdf5(sim, 6000, sys.argv[1], seed=9, chunk_size=50, workers=int(sys.argv[2]), progress=False)
+    """
+)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_kill_minus_9_at_random_points_then_resume_equals_uninterrupted(tmp_path, workers):
+    driver = tmp_path / "driver.py"
+    driver.write_text(_DRIVER)
+    path = tmp_path / "killed.h5"
+    rng = np.random.default_rng(workers)
+    kills = 0
+    for _ in range(4):
+        proc = subprocess.Popen([sys.executable, str(driver), str(path), str(workers)], start_new_session=True)
+        time.sleep(rng.uniform(1.0, 3.0))
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # the whole process group: workers die too
+            kills += 1
+        proc.wait()
+        # Whatever the moment of the kill, the path never holds an unfinished file.
+        if path.exists():
+            read_info(path)
+    assert kills >= 2
+    subprocess.run([sys.executable, str(driver), str(path), str(workers)], check=True)
+    reference = tmp_path / "reference.h5"
+    subprocess.run([sys.executable, str(driver), str(reference), "1"], check=True)
+    _assert_same(path, reference)
+    assert not (tmp_path / "killed.h5.partial").exists()
