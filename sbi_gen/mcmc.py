@@ -67,12 +67,14 @@ _ADAPTED_WIDTH = 4.0
 _DA_GAMMA, _DA_T0, _DA_KAPPA = 0.05, 10.0, 0.75
 
 
-def _evaluate(potential: Potential, x: Tensor, counter: dict[str, int] | None = None) -> Tensor:
+def _evaluate(
+    potential: Potential, x: Tensor, counter: dict[str, int] | None = None, name: str = "the potential"
+) -> Tensor:
     """Call ``potential`` on ``(N, D)``, check it returns ``(N,)`` and map NaN to ``-inf``."""
     out = potential(x)
     if not isinstance(out, Tensor) or out.shape != x.shape[:1]:
         shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-        raise ValueError(f"the potential must map (N, D) to (N,); got {shape} for input {tuple(x.shape)}")
+        raise ValueError(f"{name} must map (N, D) to (N,); got {shape} for input {tuple(x.shape)}")
     if counter is not None:
         counter["n_evals"] = counter.get("n_evals", 0) + x.shape[0]
     return torch.nan_to_num(out.to(x.dtype), nan=-torch.inf, posinf=torch.inf, neginf=-torch.inf)
@@ -666,7 +668,7 @@ def run_mcmc(
     with torch.no_grad():
         theta = sample_prior(prior, init_proposals, seed)
         u = transform.inv(theta)
-        log_target = _evaluate(log_prob, theta)  # checks the shape and maps NaN to -inf
+        log_target = _evaluate(log_prob, theta, name="log_prob")  # checks the shape, maps NaN to -inf
         log_weights = log_target - prior.log_prob(theta).to(log_target.dtype)
         log_weights = torch.where(torch.isfinite(u).all(dim=1), log_weights, torch.full_like(log_weights, -torch.inf))
         init = sir_init(u, log_weights, n_chains, generator)

@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -90,7 +91,7 @@ class MLP(nn.Sequential):
         act = _activation(activation)
         widths = [int(in_features), *(int(h) for h in hidden), int(out_features)]
         layers: list[nn.Module] = []
-        for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+        for i, (a, b) in enumerate(itertools.pairwise(widths)):
             if i > 0:
                 layers.append(act())
             layers.append(nn.Linear(a, b))
@@ -105,7 +106,9 @@ class _ResidualBlock(nn.Module):
     def __init__(self, features: int, activation: Callable[[], nn.Module]):
         super().__init__()
         self.norm = nn.LayerNorm(features)
-        self.net = nn.Sequential(activation(), nn.Linear(features, features), activation(), nn.Linear(features, features))
+        self.net = nn.Sequential(
+            activation(), nn.Linear(features, features), activation(), nn.Linear(features, features)
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         return x + self.net(self.norm(x))

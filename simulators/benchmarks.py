@@ -224,6 +224,112 @@ def _de_sweep(
     return accepted
 
 
+class _Mixture:
+    """A Gaussian mixture in float64 with exact sampling and log density (proposal for MH moves)."""
+
+    def __init__(self, means: np.ndarray, chols: np.ndarray, log_weights: np.ndarray):
+        self.means = means  # (K, D)
+        self.chols = chols  # (K, D, D), lower Cholesky factors of the covariances
+        self.log_weights = log_weights - np.logaddexp.reduce(log_weights)  # (K,)
+        self.half_logdets = np.sum(np.log(np.diagonal(chols, axis1=1, axis2=2)), axis=1)
+
+    def component_log_probs(self, theta: np.ndarray) -> np.ndarray:
+        """``log w_k + log N(theta_i; mu_k, Sigma_k)``, shape ``(n, K)``."""
+        dim = theta.shape[1]
+        out = np.empty((theta.shape[0], self.means.shape[0]))
+        for k in range(self.means.shape[0]):
+            z = np.linalg.solve(self.chols[k], (theta - self.means[k]).T)
+            out[:, k] = -0.5 * np.sum(z**2, axis=0) - self.half_logdets[k] - 0.5 * dim * _LOG_2PI
+        return out + self.log_weights
+
+    def log_prob(self, theta: np.ndarray) -> np.ndarray:
+        return np.logaddexp.reduce(self.component_log_probs(theta), axis=1)
+
+    def sample(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        comp = rng.choice(self.means.shape[0], size=n, p=np.exp(self.log_weights))
+        z = rng.standard_normal((n, self.means.shape[1]))
+        return self.means[comp] + np.einsum("nij,nj->ni", self.chols[comp], z)
+
+
+def _fit_mixture(theta: np.ndarray, n_components: int, rng: np.random.Generator, inflation: float) -> _Mixture:
+    """Rough EM fit of a full-covariance Gaussian mixture to the particles; covariances inflated.
+
+    Only the efficiency of the moves depends on the fit (the proposal also holds a prior
+    component), so a fixed number of EM iterations from a random start suffices.
+    """
+    n, dim = theta.shape
+    k = max(1, min(n_components, n // (5 * (dim + 1))))
+    pop_cov = np.atleast_2d(np.cov(theta.T)) + 1e-12 * np.eye(dim)
+    reg = 1e-6 * np.diag(np.diag(pop_cov)) + 1e-300 * np.eye(dim)
+    means = theta[rng.choice(n, size=k, replace=False)]
+    covs = np.broadcast_to(pop_cov / k ** (2.0 / dim), (k, dim, dim)).copy()
+    log_weights = np.full(k, -math.log(k))
+    for _ in range(30):
+        mixture = _Mixture(means, np.linalg.cholesky(covs), log_weights)
+        log_r = mixture.component_log_probs(theta)
+        log_r -= np.logaddexp.reduce(log_r, axis=1, keepdims=True)
+        r = np.exp(log_r)
+        nk = r.sum(axis=0) + 1e-12
+        log_weights = np.log(nk / n)
+        means = (r.T @ theta) / nk[:, None]
+        for j in range(k):
+            d = theta - means[j]
+            covs[j] = (r[:, j, None] * d).T @ d / nk[j] + reg
+        # Re-seed components that lost (almost) all their particles.
+        dead = nk < dim + 1
+        if np.any(dead):
+            means[dead] = theta[rng.choice(n, size=int(dead.sum()), replace=False)]
+            covs[dead] = pop_cov / k ** (2.0 / dim)
+            log_weights[dead] = math.log(1.0 / n)
+    return _Mixture(means, np.linalg.cholesky(inflation * covs), log_weights)
+
+
+def _independence_sweep(
+    theta: np.ndarray,
+    log_prior: np.ndarray,
+    loglik: np.ndarray,
+    log_q: np.ndarray,
+    beta: float,
+    mixture: _Mixture,
+    prior_fraction: float,
+    rng: np.random.Generator,
+    prior: Prior,
+    log_likelihood: Callable[[np.ndarray], np.ndarray],
+) -> np.ndarray:
+    """One in-place sweep of independence Metropolis-Hastings moves; returns the accepted mask.
+
+    The proposal ``q = (1 - prior_fraction) * mixture + prior_fraction * prior`` is fixed during
+    the sweep; ``log_q`` holds ``log q`` at the current particles and is updated in place.
+    """
+    n = theta.shape[0]
+    from_prior = rng.random(n) < prior_fraction
+    proposal = mixture.sample(n, rng)
+    if np.any(from_prior):
+        proposal[from_prior] = _prior_sample_np(prior, int(from_prior.sum()), rng)
+    lp_new = _prior_log_prob_np(prior, proposal)
+    ok = np.isfinite(lp_new)
+    lq_new = np.full(n, np.inf)
+    ll_new = np.full(n, -np.inf)
+    if np.any(ok):
+        lq_new[ok] = _proposal_log_prob(mixture, prior, prior_fraction, proposal[ok], lp_new[ok])
+        ll_new[ok] = log_likelihood(proposal[ok])
+    with np.errstate(invalid="ignore"):
+        log_ratio = (lp_new + beta * ll_new - lq_new) - (log_prior + beta * loglik - log_q)
+        accept = np.log(rng.random(n)) < log_ratio
+    accept &= ok & np.isfinite(ll_new)
+    theta[accept] = proposal[accept]
+    log_prior[accept] = lp_new[accept]
+    loglik[accept] = ll_new[accept]
+    log_q[accept] = lq_new[accept]
+    return accept
+
+
+def _proposal_log_prob(
+    mixture: _Mixture, prior: Prior, prior_fraction: float, theta: np.ndarray, log_prior: np.ndarray
+) -> np.ndarray:
+    return np.logaddexp(math.log1p(-prior_fraction) + mixture.log_prob(theta), math.log(prior_fraction) + log_prior)
+
+
 def sample_posterior_from_likelihood(
     log_likelihood_fn: Callable[[np.ndarray, np.ndarray], np.ndarray],
     prior: Prior,
@@ -232,10 +338,13 @@ def sample_posterior_from_likelihood(
     seed: int,
     *,
     n_particles: int | None = None,
-    ess_target: float = 0.5,
-    moves_per_stage: float = 3.0,
-    final_moves: float = 10.0,
-    max_sweeps_per_stage: int = 60,
+    ess_target: float = 0.7,
+    moves_per_stage: float = 6.0,
+    final_moves: float = 20.0,
+    max_sweeps_per_stage: int = 100,
+    mixture_components: int = 16,
+    mixture_inflation: float = 1.5,
+    prior_fraction: float = 0.05,
     jump_probability: float = 0.1,
     return_info: bool = False,
 ) -> np.ndarray | tuple[np.ndarray, dict[str, Any]]:
@@ -245,12 +354,19 @@ def sample_posterior_from_likelihood(
     :math:`p(\theta)\, p(x_{obs} \mid \theta)^{\beta}` from :math:`\beta = 0` to 1; each next
     :math:`\beta` is chosen so that the importance weights keep an effective sample size of
     ``ess_target`` of the particles. After each reweighting the particles are resampled
-    (systematic resampling) and moved by differential-evolution Metropolis sweeps on the
-    current tempered target until each particle has made on average ``moves_per_stage``
+    (systematic resampling) and moved by Metropolis-Hastings sweeps that leave the current
+    tempered target invariant, until each particle has made on average ``moves_per_stage``
     accepted moves (``final_moves`` at :math:`\beta = 1`, so that the output is close to
-    independent draws). The moves use differences of particles, so they adapt to the scale,
-    correlations and separated modes of the target; a fraction ``jump_probability`` of them use
-    the full difference (step 1), which carries particles between modes of equal shape.
+    independent draws). Each sweep has two kernels:
+
+    * differential-evolution Metropolis: the step is a scaled difference of two particles of
+      the other half of the population (so it adapts to scales, correlations and separated
+      modes; a fraction ``jump_probability`` of steps use the full difference, which carries
+      particles between modes of equal shape);
+    * independence Metropolis-Hastings with a Gaussian mixture fitted to the resampled
+      particles (covariances times ``mixture_inflation``), mixed with the prior
+      (``prior_fraction``): global moves that reach the tails of funnel-shaped posteriors and
+      rebalance modes that the particles over- or under-populate.
 
     Arguments:
         log_likelihood_fn: ``f(x (m, dx), theta (k, D)) -> (m, k)`` exact log-likelihood, as the
@@ -266,7 +382,10 @@ def sample_posterior_from_likelihood(
         moves_per_stage: Mean accepted moves per particle at each intermediate temperature.
         final_moves: Mean accepted moves per particle at the final temperature.
         max_sweeps_per_stage: Cap on sweeps per temperature.
-        jump_probability: Probability of a full-difference (mode-jumping) proposal.
+        mixture_components: Components of the mixture proposal (0 disables independence moves).
+        mixture_inflation: Factor on the fitted covariances.
+        prior_fraction: Weight of the prior in the independence proposal.
+        jump_probability: Probability of a full-difference (mode-jumping) step.
         return_info: Also return a dict with the temperatures, sweeps and acceptance rates.
 
     Returns:
@@ -285,6 +404,8 @@ def sample_posterior_from_likelihood(
     n = _check_count(n)
     if not 0.0 < ess_target < 1.0:
         raise ValueError(f"ess_target must lie in (0, 1), got {ess_target}")
+    if not 0.0 < prior_fraction < 1.0:
+        raise ValueError(f"prior_fraction must lie in (0, 1), got {prior_fraction}")
     n_particles = max(n, 2000) if n_particles is None else _check_count(n_particles, "n_particles")
     if n_particles < n:
         raise ValueError(f"n_particles ({n_particles}) must be at least n ({n})")
@@ -307,7 +428,7 @@ def sample_posterior_from_likelihood(
 
     gamma = 2.38 / math.sqrt(2.0 * dim)
     beta = 0.0
-    info: dict[str, Any] = {"betas": [0.0], "sweeps": [], "acceptance": []}
+    info: dict[str, Any] = {"betas": [0.0], "sweeps": [], "acceptance_de": [], "acceptance_independence": []}
     while True:
         if beta < 1.0:
             new_beta = _next_temperature(loglik, beta, ess_target)
@@ -317,22 +438,37 @@ def sample_posterior_from_likelihood(
             theta, log_prior, loglik = theta[idx], log_prior[idx], loglik[idx]
             beta = new_beta
             info["betas"].append(beta)
+        mixture = None
+        if mixture_components > 0:
+            mixture = _fit_mixture(theta, mixture_components, rng, mixture_inflation)
+            log_q = _proposal_log_prob(mixture, prior, prior_fraction, theta, log_prior)
         target_moves = final_moves if beta >= 1.0 else moves_per_stage
         moves = 0.0
         sweeps = 0
-        rates = []
+        rates_de, rates_ind = [], []
         while moves < target_moves and sweeps < max_sweeps_per_stage:
             accepted = _de_sweep(
                 theta, log_prior, loglik, beta, gamma, rng, log_prior_fn, log_likelihood, jump_probability
             )
             rate = float(accepted.mean())
-            rates.append(rate)
+            rates_de.append(rate)
             moves += rate
-            sweeps += 1
             # Robbins-Monro step on the log step size, towards ~30 % acceptance.
             gamma = float(np.clip(gamma * math.exp(rate - 0.3), 1e-4, 2.0))
+            if mixture is not None:
+                if np.any(accepted):
+                    log_q[accepted] = _proposal_log_prob(
+                        mixture, prior, prior_fraction, theta[accepted], log_prior[accepted]
+                    )
+                accepted_ind = _independence_sweep(
+                    theta, log_prior, loglik, log_q, beta, mixture, prior_fraction, rng, prior, log_likelihood
+                )
+                rates_ind.append(float(accepted_ind.mean()))
+                moves += rates_ind[-1]
+            sweeps += 1
         info["sweeps"].append(sweeps)
-        info["acceptance"].append(float(np.mean(rates)))
+        info["acceptance_de"].append(float(np.mean(rates_de)))
+        info["acceptance_independence"].append(float(np.mean(rates_ind)) if rates_ind else float("nan"))
         if beta >= 1.0:
             break
     info["gamma"] = gamma

@@ -86,6 +86,17 @@ _BACKWARD_BELOW = -1.0
 _BACKWARD_EXTRA = 200
 # Latent arrays that joint_log_prob / joint_score read.
 _JOINT_KEYS = ("z_p", "n_emissions", "z_s_gap", "z_s_log1mz", "z_s_mask")
+# Padded float32 per-slot arrays that simulate fills.
+_SLOT_KEYS = (
+    "z_s_gap",
+    "z_s_virtuality",
+    "z_s_z",
+    "z_s_log1mz",
+    "z_s_angle",
+    "z_s_energy",
+    "z_s_frac",
+    "z_d_smear",
+)
 
 
 def _rows(array: Any, dim: int, what: str) -> np.ndarray:
@@ -99,7 +110,7 @@ def _rows(array: Any, dim: int, what: str) -> np.ndarray:
 
 
 def _log_h(z: np.ndarray, n_max: int) -> np.ndarray:
-    r""":math:`\log H_n(z)` for :math:`n = 0..n_{\max}`, shape ``z.shape + (n_max + 1,)``.
+    r""":math:`\log H_n(z)` for :math:`n = 0..n_{\max}`, shape ``(n_max + 1, *z.shape)``.
 
     :math:`H_n(z) = \int_0^\infty u^n \varphi(u - z)\,du = E[(z + Z)^n; z + Z > 0]`, with
     :math:`H_0 = \Phi(z)` and :math:`H_n = z H_{n-1} + (n - 1) H_{n-2}`. The ratios
@@ -108,33 +119,34 @@ def _log_h(z: np.ndarray, n_max: int) -> np.ndarray:
     with 50-digit arithmetic to ~1e-11 in the log over :math:`z \in [-60, 500]`, :math:`n \le 40`.
     """
     z = np.asarray(z, dtype=np.float64)
-    out = np.empty((*z.shape, n_max + 1))
-    out[..., 0] = log_ndtr(z)
-    if n_max == 0:
-        return out
-    rho = np.empty((*z.shape, n_max + 1))
-    fwd = z >= _BACKWARD_BELOW
-    zf = z[fwd]
-    with np.errstate(over="ignore"):
-        r = zf + math.sqrt(2.0 / math.pi) / erfcx(-zf / math.sqrt(2.0))  # z + phi(z)/Phi(z)
-    rho_f = np.empty((zf.size, n_max + 1))
-    rho_f[:, 1] = r
-    for n in range(2, n_max + 1):
-        r = zf + (n - 1) / r
-        rho_f[:, n] = r
-    rho[fwd] = rho_f
-    zb = z[~fwd]
-    if zb.size:
-        top = n_max + _BACKWARD_EXTRA
-        r = 2.0 * top / (np.sqrt(zb * zb + 4.0 * top) - zb)  # mode of u^top phi(u - z): a start value
-        rho_b = np.empty((zb.size, n_max + 1))
-        for n in range(top, 1, -1):
-            r = (n - 1) / (r - zb)  # rho_{n-1} from rho_n
-            if n - 1 <= n_max:
-                rho_b[:, n - 1] = r
-        rho[~fwd] = rho_b
-    out[..., 1:] = out[..., :1] + np.cumsum(np.log(rho[..., 1:]), axis=-1)
-    return out
+    flat = z.reshape(-1)
+    out = np.empty((n_max + 1, flat.size))
+    out[0] = log_ndtr(flat)
+    if n_max > 0:
+        fwd = np.flatnonzero(flat >= _BACKWARD_BELOW)
+        back = np.flatnonzero(flat < _BACKWARD_BELOW)
+        if fwd.size:
+            zf = flat[fwd]
+            with np.errstate(over="ignore"):
+                r = zf + math.sqrt(2.0 / math.pi) / erfcx(-zf / math.sqrt(2.0))  # z + phi(z)/Phi(z)
+            rho = np.empty((n_max + 1, zf.size))
+            rho[1] = r
+            for n in range(2, n_max + 1):
+                r = zf + (n - 1) / r
+                rho[n] = r
+            out[1:, fwd] = np.log(rho[1:])
+        if back.size:
+            zb = flat[back]
+            top = n_max + _BACKWARD_EXTRA
+            r = 2.0 * top / (np.sqrt(zb * zb + 4.0 * top) - zb)  # mode of u^top phi(u - z): a start value
+            rho = np.empty((n_max + 1, zb.size))
+            for n in range(top, 1, -1):
+                r = (n - 1) / (r - zb)  # rho_{n-1} from rho_n
+                if n - 1 <= n_max:
+                    rho[n - 1] = r
+            out[1:, back] = np.log(rho[1:])
+        np.cumsum(out, axis=0, out=out)
+    return out.reshape(n_max + 1, *z.shape)
 
 
 class ParticleSimulator(Simulator):
@@ -150,6 +162,9 @@ class ParticleSimulator(Simulator):
         efficiency: Probability that an emission is detected.
         constituent_sigma: :math:`\sigma_c`, relative smearing of detected emission fractions.
         lead_sigma: :math:`\sigma_\xi`, smearing of the log leading fraction.
+
+    Simulation runs at a few hundred thousand events per second on one core (a loop over the
+    ``k_max`` slots that only touches the rows still showering).
 
     Example:
         >>> import numpy as np
@@ -276,60 +291,83 @@ class ParticleSimulator(Simulator):
         e_jet = np.hypot(pt, m0)
         length = self._evolution_length(m0)
 
-        # Shower: gaps, the emission mask, momentum fractions (all slots drawn, unused ones zeroed).
-        gap = rng.standard_exponential((n, k_max), dtype=f32) / lam.astype(f32)[:, None]
-        s = np.cumsum(gap, axis=1, dtype=np.float64)
-        mask = s < length[:, None]
-        n_em = mask.sum(axis=1).astype(np.int32)
-        gap = np.where(mask, gap, f32(0))
-        y = rng.standard_exponential((n, k_max), dtype=f32) / beta.astype(f32)[:, None]
-        y = np.where(mask, y, f32(0))  # y_k = -ln(1 - z_k) ~ Exp(beta)
-        z = -np.expm1(-y)
-        y_before = np.cumsum(y, axis=1) - y  # -ln(E_{k-1} / E_J)
-        share = np.exp(-y_before)  # E_{k-1} / E_J
-        energy = (e_jet.astype(f32)[:, None] * share).astype(f32)
-        log_t = 2.0 * np.log(np.maximum(np.abs(m0), 1e-300))[:, None] - s
-        virtuality = np.where(mask, np.exp(log_t), 0.0).astype(f32)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            # log of sqrt(t / (z (1 - z))) / E_{k-1}; 1 - z = exp(-y) exactly.
-            log_angle = 0.5 * (log_t.astype(f32) - np.log(z) + y) - np.log(energy)
-        angle = np.where(mask, np.exp(np.minimum(log_angle, f32(0))), f32(0)).astype(f32)
-        frac = (z * share).astype(f32)
+        # Shower, one slot at a time over the rows still evolving; each slot draws a gap for
+        # every active row and, for the rows that emit, the momentum fraction and detector response.
+        pad = {key: np.zeros((n, k_max), dtype=f32) for key in _SLOT_KEYS}
+        mask = np.zeros((n, k_max), dtype=bool)
+        detected = np.zeros((n, k_max), dtype=bool)
+        n_em = np.zeros(n, dtype=np.int32)
+        s = np.zeros(n)  # S_k, the evolution "time" used so far
+        y_cum = np.zeros(n)  # sum of y_j = -ln(1 - z_j) over earlier emissions
+        n_det = np.zeros(n)
+        max_seen = np.zeros(n)
+        girth = np.zeros(n)
+        girth2 = np.zeros(n)
+        log_m0_sq = 2.0 * np.log(np.maximum(np.abs(m0), 1e-300))
+        lam32, beta32 = lam.astype(f32), beta.astype(f32)
+        eff, sigma_c = f32(self.efficiency), f32(self.constituent_sigma)
+        rows = np.arange(n)
+        for k in range(k_max):
+            gap = rng.standard_exponential(rows.size, dtype=f32) / lam32[rows]
+            s_k = s[rows] + gap
+            emit = s_k < length[rows]
+            rows, gap, s_k = rows[emit], gap[emit], s_k[emit]
+            if rows.size == 0:
+                break
+            s[rows] = s_k
+            n_em[rows] = k + 1
+            y = rng.standard_exponential(rows.size, dtype=f32) / beta32[rows]  # ~ Exp(beta)
+            z = -np.expm1(-y)
+            y_before = y_cum[rows]
+            y_cum[rows] = y_before + y
+            share = np.exp(-y_before)  # E_{k-1} / E_J
+            energy = e_jet[rows] * share
+            log_t = log_m0_sq[rows] - s_k
+            with np.errstate(divide="ignore"):
+                # log of sqrt(t / (z (1 - z))) / E_{k-1}, with 1 - z = exp(-y) exactly
+                log_angle = 0.5 * (log_t - np.log(z) + y) - np.log(energy)
+            angle = np.exp(np.minimum(log_angle, 0.0))
+            frac = z * share
+            hit = rng.random(rows.size, dtype=f32) < eff
+            smear = sigma_c * rng.standard_normal(rows.size, dtype=f32)
+            seen = np.where(hit, frac * (1.0 + smear), 0.0)
+            n_det[rows] += hit
+            max_seen[rows] = np.maximum(max_seen[rows], seen)
+            girth[rows] += seen * angle
+            girth2[rows] += seen * angle**2
+            mask[rows, k] = True
+            detected[rows, k] = hit
+            pad["z_s_gap"][rows, k] = gap
+            pad["z_s_virtuality"][rows, k] = np.exp(log_t)
+            pad["z_s_z"][rows, k] = z
+            pad["z_s_log1mz"][rows, k] = -y
+            pad["z_s_angle"][rows, k] = angle
+            pad["z_s_energy"][rows, k] = energy
+            pad["z_s_frac"][rows, k] = frac
+            pad["z_d_smear"][rows, k] = smear
 
-        # Detector.
+        # Jet-level detector response and the observables.
         jes = self.jes_sigma * rng.standard_normal(n)
-        detected = mask & (rng.random((n, k_max), dtype=f32) < f32(self.efficiency))
-        smear = np.where(mask, f32(self.constituent_sigma) * rng.standard_normal((n, k_max), dtype=f32), f32(0))
         lead_smear = self.lead_sigma * rng.standard_normal(n)
         u = rng.random(n)
-
-        # Observables.
-        seen = np.where(detected, frac * (f32(1) + smear), f32(0))
-        y_total = y.sum(axis=1, dtype=np.float64)
         x = np.empty((n, 7))
         x[:, 0] = m0 * (1.0 + jes)
-        x[:, 1] = detected.sum(axis=1) + u
-        x[:, 2] = -y_total + lead_smear
+        x[:, 1] = n_det + u
+        x[:, 2] = -y_cum + lead_smear
         x[:, 3] = pt * (1.0 + jes)
-        x[:, 4] = seen.max(axis=1)
-        weighted = seen * angle
-        x[:, 5] = weighted.sum(axis=1, dtype=np.float64)
-        x[:, 6] = (weighted * angle).sum(axis=1, dtype=np.float64)
+        x[:, 4] = max_seen
+        x[:, 5] = girth
+        x[:, 6] = girth2
 
+        smear_pad = pad.pop("z_d_smear")
         latents = {
             "z_p": np.stack([m0, pt, e_jet], axis=1),
-            "z_s_gap": gap,
-            "z_s_virtuality": virtuality,
-            "z_s_z": z.astype(f32),
-            "z_s_log1mz": -y,
-            "z_s_angle": angle,
-            "z_s_energy": np.where(mask, energy, f32(0)),
-            "z_s_frac": frac,
+            **pad,
             "z_s_mask": mask,
             "n_emissions": n_em,
             "z_d_jes": jes,
             "z_d_detected": detected,
-            "z_d_smear": smear,
+            "z_d_smear": smear_pad,
             "z_d_lead_smear": lead_smear,
             "z_d_u": u,
         }
@@ -425,24 +463,21 @@ class ParticleSimulator(Simulator):
     def _log_lead_density(self, v: np.ndarray, beta: np.ndarray) -> np.ndarray:
         r""":math:`\log p(v \mid N, \beta)` for :math:`v = Y + \xi`, :math:`N = 0..k_{\max}`.
 
-        ``v`` and ``beta`` broadcast to a common shape ``S``; returns ``S + (k_max + 1,)``.
+        ``v`` and ``beta`` broadcast to a common shape ``S``; returns ``(k_max + 1, *S)``.
         For :math:`N \ge 1` the Gamma(N, β) ⊗ N(0, σ²) convolution is, completing the square,
         :math:`\frac{\beta^N}{\Gamma(N)} e^{-\beta v + \beta^2\sigma^2/2} \sigma^{N-1} H_{N-1}(z)`
         with :math:`z = (v - \beta\sigma^2)/\sigma` (see :func:`_log_h`).
         """
         sigma, k_max = self.lead_sigma, self.k_max
         v, beta = np.broadcast_arrays(np.asarray(v, dtype=np.float64), np.asarray(beta, dtype=np.float64))
-        out = np.empty((*v.shape, k_max + 1))
-        out[..., 0] = -0.5 * (v / sigma) ** 2 - math.log(sigma) - 0.5 * _LOG_2PI
+        out = np.empty((k_max + 1, *v.shape))
+        out[0] = -0.5 * (v / sigma) ** 2 - math.log(sigma) - 0.5 * _LOG_2PI
+        expand = (slice(None),) + (None,) * v.ndim
         n = np.arange(1, k_max + 1, dtype=np.float64)
-        log_h = _log_h((v - beta * sigma**2) / sigma, k_max - 1)
-        out[..., 1:] = (
-            n * np.log(beta)[..., None]
-            - gammaln(n)
-            + (-beta * v + 0.5 * (beta * sigma) ** 2)[..., None]
-            + (n - 1.0) * math.log(sigma)
-            + log_h
-        )
+        out[1:] = _log_h((v - beta * sigma**2) / sigma, k_max - 1)
+        out[1:] += n[expand] * np.log(beta)
+        out[1:] += ((n - 1.0) * math.log(sigma) - gammaln(n))[expand]
+        out[1:] += -beta * v + 0.5 * (beta * sigma) ** 2
         return out
 
     def _mass_mode(self, x_mass: np.ndarray, m_x: np.ndarray, iterations: int = 8) -> tuple[np.ndarray, np.ndarray]:
@@ -477,9 +512,10 @@ class ParticleSimulator(Simulator):
         :math:`P(\mathrm{Poisson}(\mu) \ge k_{\max})` at the cap, and the count density is the
         pmf of :math:`k` on :math:`[k, k + 1)` (dequantization). The :math:`m_0` integral uses
         ``n_quad``-point Gauss–Hermite quadrature centred on the Laplace approximation of the
-        mass factors (relative error ~1e-10 at the default), the sum over :math:`N` is a
-        Horner polynomial in :math:`\mu`, and the smeared Gamma density is closed-form
-        (:func:`_log_h`). Cost: ~1 µs per (event, θ) pair.
+        mass factors (log-likelihood converged to ~1e-12 in the bulk, ~1e-8 for extreme
+        mismatches at the default), the sum over :math:`N` is a Horner polynomial in
+        :math:`\mu`, and the smeared Gamma density is closed-form (:func:`_log_h`). Cost: ~3 µs
+        of one core per (event, θ) pair; 200 events × 500 parameters take ~0.3 s.
 
         Arguments:
             x_ref: Observations ``(m, 3)`` (or ``(m, 7)``: the first three columns are used).
@@ -522,11 +558,11 @@ class ParticleSimulator(Simulator):
 
     def _reference_block(self, x: np.ndarray, theta: np.ndarray, nodes: np.ndarray, log_w: np.ndarray) -> np.ndarray:
         k_max, eps = self.k_max, self.efficiency
-        x_mass, count, v = x[:, 0, None], np.floor(x[:, 1])[:, None], -x[:, 2, None]
+        x_mass, count, v = x[:, 0, None], np.floor(x[:, 1]), -x[:, 2, None]
         m_x, lam, beta = theta[None, :, 0], theta[None, :, 1], theta[None, :, 2]
 
-        # Count and leading-fraction factors for every N: log A_N, shape (e, t, k_max + 1).
-        n_all = np.arange(k_max + 1, dtype=np.float64)
+        # Count and leading-fraction factors for every N: log A_N, shape (k_max + 1, e, t).
+        n_all = np.arange(k_max + 1, dtype=np.float64)[:, None]
         with np.errstate(invalid="ignore"):
             log_binom = (
                 gammaln(n_all + 1.0)
@@ -535,22 +571,30 @@ class ParticleSimulator(Simulator):
                 + xlogy(count, eps)
                 + xlog1py(n_all - count, -eps)
             )
-        log_binom = np.where(n_all >= count, log_binom, -np.inf)  # (e, k_max + 1)
-        log_a = log_binom[:, None, :] + self._log_lead_density(v, beta)
-        top = log_a.max(axis=-1)
+        log_binom = np.where(n_all >= count, log_binom, -np.inf)  # (k_max + 1, e)
+        log_a = self._log_lead_density(v, beta)
+        log_a += log_binom[:, :, None]
+        top = log_a.max(axis=0)
         top = np.where(np.isfinite(top), top, 0.0)
-        coef = np.exp(log_a - top[..., None] - gammaln(n_all + 1.0))  # A_N / N!, scaled
+        coef = np.exp(log_a - top - gammaln(n_all + 1.0)[:, :, None])  # A_N / N!, scaled by e^-top
 
         # Gauss-Hermite nodes in m0 around the Laplace approximation of the mass factors.
         centre, scale = self._mass_mode(x_mass, m_x)
         m0 = centre[..., None] + math.sqrt(2.0) * scale[..., None] * nodes  # (e, t, q)
         mu = lam[..., None] * self._evolution_length(m0)
-        poly = np.zeros_like(mu)
-        for n in range(k_max - 1, -1, -1):  # sum_{N < k_max} A_N mu^N / N!
-            poly = poly * mu + coef[..., n, None]
-        tail = gammainc(k_max, mu) * np.exp(log_a[..., k_max] - top)[..., None]  # P(Poisson >= k_max) A_kmax
+        poly = np.broadcast_to(coef[k_max - 1, :, :, None], mu.shape).copy()
+        for n in range(k_max - 2, -1, -1):  # sum_{N < k_max} A_N mu^N / N!
+            poly *= mu
+            poly += coef[n, :, :, None]
+        poly *= np.exp(-mu)
+        # The capped count N = k_max has probability P(Poisson(mu) >= k_max); add it where it matters.
+        a_cap = np.exp(log_a[k_max] - top)
+        need = np.flatnonzero((a_cap[..., None] > 1e-17 * poly).any(axis=-1).reshape(-1))
+        if need.size:
+            poly_flat, mu_flat = poly.reshape(-1, mu.shape[-1]), mu.reshape(-1, mu.shape[-1])
+            poly_flat[need] += gammainc(k_max, mu_flat[need]) * a_cap.reshape(-1)[need, None]
         with np.errstate(divide="ignore"):
-            log_count_lead = np.log(np.exp(-mu) * poly + tail) + top[..., None]
+            log_count_lead = np.log(poly) + top[..., None]
         abs_m0 = np.maximum(np.abs(m0), 1e-300)
         log_mass = (
             -0.5 * ((m0 - m_x[..., None]) / self.mass_width) ** 2

@@ -5,6 +5,7 @@ Every estimator is a :class:`ConditionalEstimator`: ``est(c)`` is a distribution
 which :func:`build_estimator` rebuilds it (weights via ``state_dict``).
 
 Example:
+    >>> import torch
     >>> est = build_estimator("nsf", 2, (3,), transforms=2, hidden_features=[32, 32])
     >>> est.set_standardization(torch.randn(100, 2), torch.randn(100, 3))
     >>> dist = est(torch.randn(5, 3))

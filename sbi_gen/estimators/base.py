@@ -69,15 +69,9 @@ def _support_bounds(prior_spec: dict[str, Any], dim: int) -> tuple[Tensor, Tenso
                 lower += lo
                 upper += hi
             return lower, upper
-        known = (
-            constraints._Real,
-            constraints._Interval,
-            constraints._HalfOpenInterval,
-            constraints._GreaterThan,
-            constraints._GreaterThanEq,
-            constraints._LessThan,
-        )
-        if not isinstance(constraint, known):
+        bounded = hasattr(constraint, "lower_bound") or hasattr(constraint, "upper_bound")
+        real = isinstance(constraint, type(constraints.real))
+        if constraint.is_discrete or constraint.event_dim != 0 or not (bounded or real):
             raise ValueError(f"cannot map the support {constraint} of y_prior onto R^D")
         lo = torch.as_tensor(getattr(constraint, "lower_bound", -math.inf), dtype=torch.float64)
         hi = torch.as_tensor(getattr(constraint, "upper_bound", math.inf), dtype=torch.float64)
@@ -95,7 +89,7 @@ class SupportTransform(Transform):
     :math:`l` is, :math:`u - e^{-x}` if only :math:`u` is, and :math:`y = x` otherwise —
     the bijections of :func:`torch.distributions.biject_to`, but built from tensors that
     live on the estimator's device. Images are clamped into :math:`[l, u]` and the inverse
-    clamps its argument just inside, so values on the boundary map to finite points.
+    clamps its argument a float epsilon inside, so values on the boundary map to finite points.
 
     Arguments:
         lower: Lower bounds, shape ``(D,)``, ``-inf`` where unbounded.
@@ -127,16 +121,6 @@ class SupportTransform(Transform):
         self._hi = torch.where(finite_upper, upper, torch.zeros_like(upper))
         self._width = torch.where(self._both, self._hi - self._lo, torch.ones_like(lower))
 
-    def __eq__(self, other: object) -> bool:
-        return (
-            isinstance(other, SupportTransform)
-            and torch.equal(self.lower, other.lower)
-            and torch.equal(self.upper, other.upper)
-        )
-
-    def __hash__(self) -> int:
-        return id(self)
-
     def _call(self, x: Tensor) -> Tensor:
         # Each branch sees a harmless argument where it is not selected, so that neither the
         # value nor the gradient of an unselected branch can be inf or nan.
@@ -144,23 +128,32 @@ class SupportTransform(Transform):
         y_both = self._lo + self._width * torch.sigmoid(torch.where(self._both, x, zero))
         y_lower = self._lo + torch.exp(torch.where(self._lower_only, x, zero))
         y_upper = self._hi - torch.exp(-torch.where(self._upper_only, x, zero))
-        y = torch.where(self._both, y_both, torch.where(self._lower_only, y_lower, torch.where(self._upper_only, y_upper, x)))
+        y = torch.where(
+            self._both, y_both, torch.where(self._lower_only, y_lower, torch.where(self._upper_only, y_upper, x))
+        )
         return torch.minimum(torch.maximum(y, self.lower), self.upper)
 
     def _inverse(self, y: Tensor) -> Tensor:
-        finfo = torch.finfo(y.dtype)
+        # Values on (or within float resolution of) a bound map to |x| <= ~16 in float32, not
+        # to ±87 (log of the tiniest float): a boundary value in a training set (a uniform draw
+        # of exactly 0) must not become a huge outlier after the z-scoring.
+        eps = torch.finfo(y.dtype).eps
         one = torch.ones_like(y)
-        p = torch.where(self._both, (y - self._lo) / self._width, 0.5 * one).clamp(finfo.tiny, 1 - finfo.eps)
+        p = torch.where(self._both, (y - self._lo) / self._width, 0.5 * one).clamp(eps, 1 - eps)
         x_both = torch.log(p) - torch.log1p(-p)
-        x_lower = torch.log(torch.where(self._lower_only, y - self._lo, one).clamp_min(finfo.tiny))
-        x_upper = -torch.log(torch.where(self._upper_only, self._hi - y, one).clamp_min(finfo.tiny))
-        return torch.where(self._both, x_both, torch.where(self._lower_only, x_lower, torch.where(self._upper_only, x_upper, y)))
+        x_lower = torch.log(torch.where(self._lower_only, y - self._lo, one).clamp_min(eps * (1 + self._lo.abs())))
+        x_upper = -torch.log(torch.where(self._upper_only, self._hi - y, one).clamp_min(eps * (1 + self._hi.abs())))
+        return torch.where(
+            self._both, x_both, torch.where(self._lower_only, x_lower, torch.where(self._upper_only, x_upper, y))
+        )
 
     def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
         zero = torch.zeros_like(x)
         x_both = torch.where(self._both, x, zero)
         ladj_both = torch.log(self._width) + nn.functional.logsigmoid(x_both) + nn.functional.logsigmoid(-x_both)
-        ladj = torch.where(self._both, ladj_both, torch.where(self._lower_only, x, torch.where(self._upper_only, -x, zero)))
+        ladj = torch.where(
+            self._both, ladj_both, torch.where(self._lower_only, x, torch.where(self._upper_only, -x, zero))
+        )
         return ladj.sum(dim=-1)
 
 
@@ -172,6 +165,9 @@ class _EstimatorDistribution(TransformedDistribution):
         super().__init__(core, transforms, validate_args=False)
         self._lower = lower
         self._upper = upper
+
+    def expand(self, batch_shape: Size | Sequence[int], _instance: Distribution | None = None) -> Distribution:
+        return _EstimatorDistribution(self.base_dist.expand(Size(batch_shape)), self.transforms, self._lower, self._upper)
 
     @property
     def core(self) -> Distribution:
@@ -201,7 +197,7 @@ class _EstimatorDistribution(TransformedDistribution):
         value = value.expand(torch.broadcast_shapes(value.shape, self.batch_shape + self.event_shape))
         return self._mask(value, super().log_prob(value))
 
-    def rsample_and_log_prob(self, sample_shape: Size | Sequence[int] = Size()) -> tuple[Tensor, Tensor]:
+    def rsample_and_log_prob(self, sample_shape: Size | Sequence[int] = ()) -> tuple[Tensor, Tensor]:
         """Samples ``(*sample_shape, *batch, y_dim)`` and their log-densities ``(*sample_shape, *batch)``.
 
         Uses the core's own ``rsample_and_log_prob`` where it has one (zuko flows: one pass
@@ -219,7 +215,7 @@ class _EstimatorDistribution(TransformedDistribution):
         y = self.rsample(shape) if self.has_rsample else self.sample(shape)
         return y, self.log_prob(y)
 
-    def sample_and_log_prob(self, sample_shape: Size | Sequence[int] = Size()) -> tuple[Tensor, Tensor]:
+    def sample_and_log_prob(self, sample_shape: Size | Sequence[int] = ()) -> tuple[Tensor, Tensor]:
         """:meth:`rsample_and_log_prob` without gradients."""
         with torch.no_grad():
             return self.rsample_and_log_prob(sample_shape)
@@ -245,6 +241,18 @@ class ConditionalEstimator(nn.Module, abc.ABC):
     Shapes:
         ``est(c)`` with ``c`` of shape ``(*batch, *c_shape)`` is a distribution with
         ``batch_shape == batch`` and ``event_shape == (y_dim,)``.
+
+    Example:
+        >>> from sbi_gen.estimators import NSF
+        >>> from sbi_gen.priors import BoxUniform
+        >>> prior = BoxUniform([0.0, 0.0], [1.0, 5.0])
+        >>> est = NSF(2, (3,), y_prior=prior.to_dict(), transforms=2, hidden_features=(32,))
+        >>> theta, x = prior.sample((100,)), torch.randn(100, 3)
+        >>> est.set_standardization(theta, x)
+        >>> loss = est.loss(theta, x)  # minimize this
+        >>> samples = est(x[:4]).sample((10,))  # (10, 4, 2), inside the box
+        >>> bool(prior.support.check(samples).all())
+        True
     """
 
     name: ClassVar[str]
@@ -348,7 +356,7 @@ class ConditionalEstimator(nn.Module, abc.ABC):
                 f"expected y (n, {self.y_dim}) and c (n, *{self.c_shape}), got {tuple(y.shape)} and {tuple(c.shape)}"
             )
         u = self._prior_transform(y.device, torch.float64).inv(y.to(torch.float64)) if self.y_prior else y
-        ok = torch.isfinite(u).all(dim=-1) & torch.isfinite(c.flatten(1)).all(dim=-1)
+        ok = torch.isfinite(u).all(dim=-1) & _finite_rows(c)
         if not ok.any():
             raise ValueError("no training row has finite y and c")
         ok = ok.nonzero().squeeze(-1)
@@ -406,7 +414,9 @@ class ConditionalEstimator(nn.Module, abc.ABC):
 
     # ----------------------------------------------------------------- helpers
 
-    def _prior_transform(self, device: torch.device | None = None, dtype: torch.dtype | None = None) -> SupportTransform:
+    def _prior_transform(
+        self, device: torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> SupportTransform:
         lower, upper = self.y_lower, self.y_upper
         if device is not None or dtype is not None:
             lower = lower.to(device=device, dtype=dtype)
@@ -429,6 +439,12 @@ def _mean_std(values: Tensor, rows: Tensor, dims: tuple[int, ...]) -> tuple[Tens
         squares = squares + ((chunk - mean.reshape(_keepdim_shape(chunk, dims))) ** 2).sum(dim=dims)
     std = torch.sqrt(squares / (count - 1)) if count > 1 else torch.ones_like(mean)
     return mean, torch.maximum(std, _STD_FLOOR * (1 + mean.abs()))
+
+
+def _finite_rows(x: Tensor) -> Tensor:
+    """``isfinite(x).all()`` per row ``(n,)``, by chunks (no full-size mask for big maps)."""
+    parts = [torch.isfinite(x[i : i + _STATS_CHUNK].flatten(1)).all(dim=-1) for i in range(0, len(x), _STATS_CHUNK)]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool, device=x.device)
 
 
 def _keepdim_shape(x: Tensor, dims: tuple[int, ...]) -> list[int]:

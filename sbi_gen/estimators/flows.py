@@ -10,6 +10,7 @@ Training minimizes the negative log-likelihood.
 - :class:`CNF`: continuous flow (FFJORD); exact log-density through an ODE solve.
 
 Example:
+    >>> import torch
     >>> est = NSF(2, (3,), transforms=2, hidden_features=(32, 32))
     >>> dist = est(torch.randn(10, 3))
     >>> dist.sample((4,)).shape, dist.log_prob(torch.randn(10, 2)).shape
@@ -63,6 +64,7 @@ class NSF(ConditionalEstimator):
         passes: ``None`` for fully autoregressive transforms, ``2`` for coupling transforms.
 
     Example:
+        >>> import torch
         >>> est = NSF(1, (2,), transforms=2, hidden_features=(16,))
         >>> est(torch.randn(2)).sample((3,)).shape
         torch.Size([3, 1])
@@ -127,6 +129,7 @@ class MAF(ConditionalEstimator):
         passes: ``None`` for fully autoregressive transforms, ``2`` for coupling transforms.
 
     Example:
+        >>> import torch
         >>> est = MAF(2, (3,), transforms=2, hidden_features=(16,))
         >>> est(torch.randn(5, 3)).log_prob(torch.randn(5, 2)).shape
         torch.Size([5])
@@ -191,6 +194,7 @@ class CNF(ConditionalEstimator):
         exact: Exact Jacobian trace (``True``) or Hutchinson's estimate (``False``).
 
     Example:
+        >>> import torch
         >>> est = CNF(2, (3,), hidden_features=(16,))
         >>> est(torch.randn(5, 3)).sample((2,)).shape
         torch.Size([2, 5, 2])

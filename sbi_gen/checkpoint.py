@@ -1,0 +1,137 @@
+"""Saving and loading fitted NPE / NLE models: weights plus a JSON config, never a pickle.
+
+A checkpoint is a directory with ``config.json`` (method, prior, estimator configuration,
+observation shape, training summary) and ``weights.pt``, a state dict of plain tensors that
+is read with ``torch.load(weights_only=True)``: a file holding anything else (code, arbitrary
+objects) is refused, never executed. Weights saved on a GPU load on the CPU.
+
+Example:
+    >>> import tempfile, simulators, sbi_gen
+    >>> from sbi_gen.inference import NPE
+    >>> from sbi_gen.train import TrainConfig
+    >>> task = simulators.get("two_moons")
+    >>> data = sbi_gen.simulate(task, n=300, seed=0)
+    >>> npe = NPE(task.prior, estimator_kwargs={"transforms": 1, "hidden_features": [8]})
+    >>> _ = npe.fit((data["theta"], data["x"]), config=TrainConfig(max_epochs=1, progress=False))
+    >>> path = tempfile.mkdtemp() + "/model"
+    >>> save(npe, path)
+    >>> load_model(path).x_shape
+    (2,)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sbi_gen.estimators import build_estimator
+from sbi_gen.inference import NLE, NPE
+from sbi_gen.priors import prior_from_dict
+from sbi_gen.train import History, resolve_device
+
+__all__ = ["CheckpointError", "load_model", "save"]
+
+FORMAT = "sbi_gen.model"
+FORMAT_VERSION = 1
+_METHODS = {"npe": NPE, "nle": NLE}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message says why."""
+
+
+def save(model: NPE | NLE, path: str | os.PathLike[str]) -> Path:
+    """Write ``model`` to the directory ``path`` (created; files inside are replaced atomically)."""
+    if model.estimator is None or model.prior is None:
+        raise CheckpointError("cannot save a model that is not trained yet: call .fit(data) first")
+    from sbi_gen import __version__
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"cannot save to {path}: it is a file, a checkpoint is a directory")
+    path.mkdir(parents=True, exist_ok=True)
+    config = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "package_version": __version__,
+        "method": model.method,
+        "prior": model.prior.to_dict(),
+        "estimator": model.estimator.config(),
+        "estimator_name": model.estimator_name,
+        "embedding": model.embedding,
+        "estimator_kwargs": model.estimator_kwargs,
+        "embedding_kwargs": model.embedding_kwargs,
+        "x_shape": list(model.x_shape or ()),
+        "metadata": model.metadata,
+        "history": model.history.to_dict() if model.history is not None else None,
+    }
+    state = {k: v.detach().cpu() for k, v in model.estimator.state_dict().items()}
+    weights_tmp, config_tmp = path / "weights.pt.tmp", path / "config.json.tmp"
+    torch.save(state, weights_tmp)
+    config_tmp.write_text(json.dumps(config, indent=1, default=float))
+    os.replace(weights_tmp, path / "weights.pt")
+    os.replace(config_tmp, path / "config.json")
+    return path
+
+
+def load_model(path: str | os.PathLike[str], device: str = "cpu") -> NPE | NLE:
+    """Load a checkpoint directory written by :func:`save` onto ``device``."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"no such checkpoint: {path}")
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a checkpoint directory (expected config.json and weights.pt inside)")
+    for name in ("config.json", "weights.pt"):
+        if not (path / name).exists():
+            raise CheckpointError(f"{path} is not a complete checkpoint: {name} is missing")
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{path / 'config.json'} is not valid JSON: {error}") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not an sbi_gen model checkpoint (format is not {FORMAT!r})")
+    if int(config.get("format_version", -1)) > FORMAT_VERSION:
+        raise CheckpointError(f"{path} was written by a newer sbi_gen (format {config['format_version']})")
+    if config.get("method") not in _METHODS:
+        raise CheckpointError(f"{path}: unknown method {config.get('method')!r}")
+    device_ = resolve_device(device)
+    try:
+        state = torch.load(path / "weights.pt", map_location=device_, weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(
+            f"{path / 'weights.pt'} holds more than plain tensors; refusing to unpickle it ({str(error).splitlines()[0][:120]})"
+        ) from None
+    except (RuntimeError, OSError, EOFError, ValueError) as error:
+        raise CheckpointError(f"{path / 'weights.pt'} is corrupt or not a weights file: {str(error).splitlines()[0]}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path / 'weights.pt'} is not a state dict of tensors")
+
+    model = _METHODS[config["method"]](
+        prior_from_dict(config["prior"]),
+        config["estimator_name"],
+        embedding=config.get("embedding"),
+        estimator_kwargs=config.get("estimator_kwargs"),
+        embedding_kwargs=config.get("embedding_kwargs"),
+        device=str(device_),
+    )
+    estimator = build_estimator(**config["estimator"])
+    try:
+        estimator.load_state_dict(state)
+    except RuntimeError as error:
+        raise CheckpointError(f"{path}: the weights do not fit the configured estimator: {str(error).splitlines()[0]}") from None
+    model.estimator = estimator.to(device_).eval()
+    model.x_shape = tuple(config["x_shape"])
+    model.metadata = config.get("metadata") or {}
+    if config.get("history"):
+        model.history = History(**config["history"])
+    return model
+
+
+def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The JSON config of a checkpoint (no weights are read)."""
+    return json.loads((Path(path) / "config.json").read_text())

@@ -1,0 +1,379 @@
+r"""Neural posterior and likelihood estimation.
+
+:class:`NPE` learns :math:`q(\theta \mid x)` and samples it directly; :class:`NLE` learns
+:math:`q(x \mid \theta)` and samples :math:`p(\theta \mid x_{1..m}) \propto p(\theta)\prod_i q(x_i \mid \theta)`
+by MCMC. Both only decide what the estimator's :math:`y` and :math:`c` are; estimator,
+training loop and samplers are shared.
+
+Example:
+    >>> import simulators, sbi_gen
+    >>> from sbi_gen.train import TrainConfig
+    >>> task = simulators.get("two_moons")
+    >>> data = sbi_gen.simulate(task, n=500, seed=0)
+    >>> npe = NPE(task.prior, estimator_kwargs={"transforms": 1, "hidden_features": [16]})
+    >>> _ = npe.fit((data["theta"], data["x"]), config=TrainConfig(max_epochs=2, progress=False))
+    >>> npe.posterior(data["x"][0]).sample((10,)).shape
+    torch.Size([10, 2])
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+import os
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.distributions import Distribution
+
+from sbi_gen.estimators import DEFAULT_ESTIMATOR, ESTIMATORS, ConditionalEstimator, build_estimator
+from sbi_gen.mcmc import MCMCResult, run_mcmc
+from sbi_gen.priors import Prior, prior_from_dict
+from sbi_gen.store import TrainingSet, load
+from sbi_gen.train import History, TrainConfig, fit, resolve_device
+
+__all__ = ["NLE", "NLEPosterior", "NPE", "NPEPosterior"]
+
+# Below this share of samples inside the prior's support, NPE sampling warns; below the
+# second it stops rather than loop for a very long time.
+_LEAKAGE_WARN = 0.5
+_LEAKAGE_FAIL = 1e-3
+
+
+def _as_training_data(data: Any) -> tuple[Tensor, Tensor, dict[str, Any]]:
+    """(theta, x, info) from a path, a TrainingSet or a (theta, x) pair."""
+    if isinstance(data, (str, os.PathLike)):
+        data = load(data, valid_only=True)
+    if isinstance(data, TrainingSet):
+        return data.theta, data.x, data.info
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        theta, x = (torch.as_tensor(np.asarray(v) if not isinstance(v, Tensor) else v) for v in data)
+        return theta.float(), x.float(), {}
+    raise TypeError("data must be an HDF5 training-set path, a TrainingSet or a (theta, x) pair")
+
+
+class _Method(abc.ABC):
+    """What NPE and NLE share: the prior, the estimator, fitting and bookkeeping."""
+
+    method: str = ""
+
+    def __init__(
+        self,
+        prior: Prior | None = None,
+        estimator: str = DEFAULT_ESTIMATOR,
+        *,
+        embedding: str | None = None,
+        estimator_kwargs: dict[str, Any] | None = None,
+        embedding_kwargs: dict[str, Any] | None = None,
+        device: str = "cpu",
+    ):
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"unknown estimator {estimator!r}; known: {', '.join(sorted(ESTIMATORS))}")
+        if prior is not None and not isinstance(prior, Prior):
+            raise TypeError("prior must be an sbi_gen prior (BoxUniform, Gaussian, IndependentPrior)")
+        self.prior = prior
+        self.estimator_name = estimator
+        self.embedding = embedding
+        self.estimator_kwargs = dict(estimator_kwargs or {})
+        self.embedding_kwargs = dict(embedding_kwargs or {})
+        self.device = resolve_device(device)
+        self.estimator: ConditionalEstimator | None = None
+        self.x_shape: tuple[int, ...] | None = None
+        self.history: History | None = None
+        self.metadata: dict[str, Any] = {}
+
+    @abc.abstractmethod
+    def _roles(self, theta: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(y, c)`` of the estimator: NPE ``(theta, x)``, NLE ``(x, theta)``."""
+
+    @abc.abstractmethod
+    def _build(self, theta_dim: int, x_shape: tuple[int, ...]) -> ConditionalEstimator:
+        """The untrained estimator for these dimensions."""
+
+    def fit(self, data: Any, *, config: TrainConfig | None = None) -> History:
+        """Train on ``data``: an HDF5 training set path, a :class:`~sbi_gen.store.TrainingSet` or
+        a ``(theta, x)`` pair. Only valid rows of a file are used. Returns the training history."""
+        theta, x, info = _as_training_data(data)
+        if theta.ndim != 2:
+            raise ValueError(f"theta must have shape (n, D), got {tuple(theta.shape)}")
+        if len(theta) != len(x):
+            raise ValueError(f"theta has {len(theta)} rows but x has {len(x)}")
+        if info:
+            file_prior = prior_from_dict(info["prior_decoded"])
+            if self.prior is None:
+                self.prior = file_prior
+            elif self.prior.to_dict() != file_prior.to_dict():
+                warnings.warn("the training set was simulated from a different prior than the one given", stacklevel=2)
+            self.metadata = {
+                "simulator": info.get("simulator"),
+                "simulator_config": info.get("simulator_config"),
+                "observable_names": info.get("observable_names_decoded"),
+                "n_simulations": info.get("n_simulations"),
+            }
+        if self.prior is None:
+            raise ValueError("no prior: pass prior= or train from an HDF5 training set, which records its prior")
+        if theta.shape[1] != self.prior.dim:
+            raise ValueError(f"theta has {theta.shape[1]} parameters but the prior has {self.prior.dim}")
+        x_shape = tuple(x.shape[1:])
+        if self.estimator is None or self.x_shape != x_shape:
+            self.x_shape = x_shape
+            self.estimator = self._build(self.prior.dim, x_shape)
+        config = config or TrainConfig(device=str(self.device))
+        if torch.device(config.device) != self.device and config.device != "auto":
+            self.device = resolve_device(config.device)
+        y, c = self._roles(theta, x)
+        self.history = fit(self.estimator, (y, c), config=config)
+        self.estimator.to(self.device)
+        return self.history
+
+    def _require_fitted(self) -> ConditionalEstimator:
+        if self.estimator is None or self.x_shape is None:
+            raise RuntimeError(f"this {self.method.upper()} is not trained yet: call .fit(data) first")
+        return self.estimator
+
+    def _observations(self, x_obs: Any, allow_many: bool) -> Tensor:
+        self._require_fitted()
+        assert self.x_shape is not None
+        x = torch.as_tensor(np.asarray(x_obs) if not isinstance(x_obs, Tensor) else x_obs, dtype=torch.float32)
+        if tuple(x.shape) == self.x_shape:
+            x = x.unsqueeze(0)
+        if tuple(x.shape[1:]) != self.x_shape or (x.shape[0] != 1 and not allow_many):
+            expected = f"{self.x_shape}" + (f" or (n_obs, {', '.join(map(str, self.x_shape))})" if allow_many else "")
+            raise ValueError(f"x_obs has shape {tuple(x.shape)}, but the model was trained on observations of shape {expected}")
+        if not torch.isfinite(x).all():
+            raise ValueError("x_obs contains NaN or infinite values")
+        return x.to(self.device)
+
+    def to(self, device: str | torch.device) -> _Method:
+        """Move the model to ``device`` (``"cpu"``, ``"cuda"``)."""
+        self.device = resolve_device(device)
+        if self.estimator is not None:
+            self.estimator.to(self.device)
+        return self
+
+    def __repr__(self) -> str:
+        state = "trained" if self.estimator is not None else "untrained"
+        return f"{type(self).__name__}(estimator={self.estimator_name!r}, prior={self.prior!r}, {state})"
+
+
+class NPE(_Method):
+    r"""Neural posterior estimation: :math:`q(\theta \mid x)` trained on (θ, x) pairs.
+
+    The estimator lives in the prior's unconstrained space (its bijection is part of the
+    model), so posterior samples never leave the support; maps get a CNN embedding by default.
+
+    Arguments:
+        prior: The prior (``None``: taken from the HDF5 file given to :meth:`fit`).
+        estimator: Name in :data:`sbi_gen.estimators.ESTIMATORS`.
+        embedding: Embedding of x (``None``: MLP for vectors, CNN for maps).
+        estimator_kwargs: Hyperparameters of the estimator.
+        embedding_kwargs: Hyperparameters of the embedding.
+        device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
+    """
+
+    method = "npe"
+
+    def _roles(self, theta: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+        return theta, x
+
+    def _build(self, theta_dim: int, x_shape: tuple[int, ...]) -> ConditionalEstimator:
+        assert self.prior is not None
+        return build_estimator(
+            self.estimator_name,
+            theta_dim,
+            x_shape,
+            embedding=self.embedding,
+            embedding_kwargs=self.embedding_kwargs or None,
+            y_prior=self.prior.to_dict(),
+            **self.estimator_kwargs,
+        ).to(self.device)
+
+    def posterior(self, x_obs: Any) -> NPEPosterior:
+        """The posterior distribution given one observation ``x_obs`` of the training shape."""
+        return NPEPosterior(self, self._observations(x_obs, allow_many=False))
+
+    @torch.no_grad()
+    def sample_batched(self, x: Any, n: int, batch_size: int = 256) -> Tensor:
+        """``n`` posterior samples for each of many observations: ``x`` (B, *x_shape) → (n, B, D).
+
+        One batched pass per group of ``batch_size`` observations (used by the diagnostics).
+        """
+        estimator = self._require_fitted()
+        x = torch.as_tensor(np.asarray(x) if not isinstance(x, Tensor) else x, dtype=torch.float32)
+        if tuple(x.shape[1:]) != self.x_shape:
+            raise ValueError(f"x has shape {tuple(x.shape)}; expected (B, {', '.join(map(str, self.x_shape or ()))})")
+        out = [estimator(x[i : i + batch_size].to(self.device)).sample((n,)) for i in range(0, len(x), batch_size)]
+        return torch.cat(out, dim=1)
+
+
+class NPEPosterior(Distribution):
+    r"""Posterior :math:`q(\theta \mid x_{obs})` of an :class:`NPE`, restricted to the prior's support.
+
+    ``sample`` draws from the estimator and keeps draws inside the support (with the prior's
+    bijection built in, all of them); ``log_prob`` is the estimator's normalized density,
+    renormalized by the share of mass inside the support when that is below one.
+    """
+
+    arg_constraints: dict = {}
+
+    def __init__(self, npe: NPE, x_obs: Tensor):
+        assert npe.prior is not None and npe.estimator is not None
+        self.npe = npe
+        self.prior = npe.prior
+        self.x_obs = x_obs
+        self._q = npe.estimator(x_obs[0])
+        self.acceptance: float | None = None
+        super().__init__(batch_shape=torch.Size(), event_shape=torch.Size([self.prior.dim]), validate_args=False)
+
+    @property
+    def support(self) -> Any:
+        return self.prior.support
+
+    def _inside(self, theta: Tensor) -> Tensor:
+        return torch.isfinite(self.prior.log_prob(theta.cpu())).to(theta.device)
+
+    @torch.no_grad()
+    def sample(self, sample_shape: torch.Size | Sequence[int] = torch.Size()) -> Tensor:
+        shape = torch.Size(sample_shape)
+        n = math.prod(shape)
+        accepted: list[Tensor] = []
+        drawn = kept = 0
+        while kept < n:
+            batch = self._q.sample((max(n - kept, 1000) if drawn else n,))
+            inside = self._inside(batch)
+            accepted.append(batch[inside])
+            drawn += len(batch)
+            kept += int(inside.sum())
+            rate = kept / drawn
+            if drawn >= 10_000 and rate < _LEAKAGE_FAIL:
+                raise RuntimeError(
+                    f"only {kept} of {drawn} posterior samples fell inside the prior's support; "
+                    "the estimator is badly trained for this observation"
+                )
+        self.acceptance = kept / drawn
+        if self.acceptance < _LEAKAGE_WARN:
+            warnings.warn(f"only {100 * self.acceptance:.1f}% of posterior samples fell inside the prior's support", stacklevel=2)
+        return torch.cat(accepted)[:n].reshape(*shape, self.prior.dim)
+
+    @torch.no_grad()
+    def log_prob(self, theta: Tensor) -> Tensor:
+        theta = torch.as_tensor(theta, dtype=torch.float32, device=self.x_obs.device)
+        log_q = self._q.log_prob(theta)
+        if self.acceptance is None:
+            draws = self._q.sample((4096,))
+            self.acceptance = float(self._inside(draws).float().mean())
+        log_q = log_q - math.log(max(self.acceptance, 1e-12))
+        return torch.where(self._inside(theta), log_q, torch.full_like(log_q, -math.inf))
+
+
+class NLE(_Method):
+    r"""Neural likelihood estimation: :math:`q(x \mid \theta)`, sampled by MCMC.
+
+    The posterior of one or several i.i.d. observations is
+    :math:`p(\theta \mid x_{1..m}) \propto p(\theta) \prod_i q(x_i \mid \theta)`.
+
+    Arguments:
+        prior: The prior (``None``: taken from the HDF5 file given to :meth:`fit`).
+        estimator: Name in :data:`sbi_gen.estimators.ESTIMATORS`.
+        embedding: Embedding of θ (``None``: MLP).
+        estimator_kwargs: Hyperparameters of the estimator.
+        embedding_kwargs: Hyperparameters of the embedding.
+        device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
+    """
+
+    method = "nle"
+
+    def _roles(self, theta: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+        return x, theta
+
+    def _build(self, theta_dim: int, x_shape: tuple[int, ...]) -> ConditionalEstimator:
+        if len(x_shape) != 1:
+            raise ValueError(
+                f"NLE models vector observations; these have shape {x_shape}. "
+                "Use NPE (with a CNN embedding) for maps, or train NLE on summaries."
+            )
+        return build_estimator(
+            self.estimator_name,
+            x_shape[0],
+            (theta_dim,),
+            embedding=self.embedding,
+            embedding_kwargs=self.embedding_kwargs or None,
+            **self.estimator_kwargs,
+        ).to(self.device)
+
+    def posterior(
+        self,
+        x_obs: Any,
+        *,
+        sampler: str = "slice",
+        n_chains: int = 20,
+        warmup: int = 200,
+        thin: int = 1,
+        seed: int = 0,
+    ) -> NLEPosterior:
+        """The posterior given ``x_obs``: one observation ``x_shape`` or several i.i.d. ``(m, *x_shape)``."""
+        return NLEPosterior(self, self._observations(x_obs, allow_many=True), sampler, n_chains, warmup, thin, seed)
+
+    @torch.no_grad()
+    def log_likelihood(self, theta: Tensor, x_obs: Tensor) -> Tensor:
+        """:math:`\\sum_i \\log q(x_i \\mid \\theta)`: θ (C, D), x_obs (m, dx) → (C,)."""
+        estimator = self._require_fitted()
+        theta = torch.as_tensor(theta, dtype=torch.float32).to(self.device)
+        dist = estimator(theta)  # batch (C,)
+        return dist.log_prob(x_obs.to(self.device).unsqueeze(1)).sum(0)
+
+
+class NLEPosterior(Distribution):
+    r"""Posterior of an :class:`NLE` given i.i.d. observations; sampled by vectorized MCMC.
+
+    ``log_prob`` is the *unnormalized* log posterior :math:`\log p(\theta) + \sum_i \log q(x_i \mid \theta)`.
+    Each ``sample`` call runs fresh chains (seeded ``seed``, ``seed + 1``, ...); the last run's
+    diagnostics (R-hat, effective sample size) are in :attr:`mcmc`.
+    """
+
+    arg_constraints: dict = {}
+
+    def __init__(self, nle: NLE, x_obs: Tensor, sampler: str, n_chains: int, warmup: int, thin: int, seed: int):
+        assert nle.prior is not None
+        self.nle = nle
+        self.prior = nle.prior
+        self.x_obs = x_obs
+        self.sampler, self.n_chains, self.warmup, self.thin = sampler, n_chains, warmup, thin
+        self.seed = seed
+        self.mcmc: MCMCResult | None = None
+        super().__init__(batch_shape=torch.Size(), event_shape=torch.Size([self.prior.dim]), validate_args=False)
+
+    @property
+    def support(self) -> Any:
+        return self.prior.support
+
+    def log_prob(self, theta: Tensor) -> Tensor:
+        theta = torch.as_tensor(theta, dtype=torch.float32)
+        flat = theta.reshape(-1, self.prior.dim)
+        log_prior = self.prior.log_prob(flat.cpu())
+        inside = torch.isfinite(log_prior)
+        out = torch.full((len(flat),), -math.inf)
+        if inside.any():
+            log_lik = self.nle.log_likelihood(flat[inside], self.x_obs).cpu()
+            out[inside] = log_prior[inside] + log_lik
+        return out.reshape(theta.shape[:-1])
+
+    def sample(self, sample_shape: torch.Size | Sequence[int] = torch.Size()) -> Tensor:
+        shape = torch.Size(sample_shape)
+        n = max(math.prod(shape), 1)
+        self.mcmc = run_mcmc(
+            self.log_prob,
+            self.prior,
+            n,
+            n_chains=self.n_chains,
+            warmup=self.warmup,
+            thin=self.thin,
+            sampler=self.sampler,
+            seed=self.seed,
+        )
+        self.seed += 1
+        return self.mcmc.samples[:n].reshape(*shape, self.prior.dim)

@@ -1,0 +1,194 @@
+"""Tests of sbi_gen.mcmc: samplers on Gaussians, run_mcmc on a truncated Gaussian, R-hat, ESS, SIR.
+
+Tolerances come from Monte Carlo error: means within 4 standard errors ``sd / sqrt(ESS)``
+(per dimension, ESS measured on the same chains); covariances within 0.1 in units of
+``sqrt(S_ii S_jj)`` (about 5 standard errors for ESS >= 2000).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from scipy.stats import truncnorm
+from torch import Tensor
+
+from sbi_gen.mcmc import SAMPLERS, MCMCResult, ess, hmc_sample, rhat, run_mcmc, sir_init, slice_sample
+from sbi_gen.priors import BoxUniform, Gaussian
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Run single-threaded: tensors here are tiny, and on a busy machine a threaded BLAS call as
+    small as (20, 5) @ (5, 5) can take milliseconds instead of microseconds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _gaussian(dim: int) -> tuple[Tensor, Tensor]:
+    if dim == 2:  # strongly correlated and badly scaled
+        return torch.tensor([1.0, -2.0]), torch.tensor([[1.0, 1.9], [1.9, 4.0]])
+    gen = torch.Generator().manual_seed(1)
+    a = torch.randn(dim, dim, generator=gen)
+    cov = a @ a.T + 0.1 * torch.eye(dim)
+    return torch.linspace(-1.0, 1.0, dim), cov / cov.diagonal().mean()
+
+
+def _potential(mean: Tensor, cov: Tensor):
+    precision = torch.linalg.inv(cov)
+
+    def potential(x: Tensor) -> Tensor:
+        r = x - mean
+        return -0.5 * ((r @ precision) * r).sum(-1)
+
+    return potential
+
+
+def _check_moments(draws: Tensor, mean: Tensor, cov: Tensor) -> None:
+    dim = mean.numel()
+    flat = draws.reshape(-1, dim)
+    sd = cov.diagonal().sqrt()
+    n_eff = ess(draws).to(flat.dtype)
+    assert (n_eff > 1000).all(), n_eff
+    z = (flat.mean(0) - mean) / (sd / n_eff.sqrt())
+    assert (z.abs() < 4).all(), z
+    cov_error = (torch.cov(flat.T) - cov) / torch.outer(sd, sd)
+    assert cov_error.abs().max() < 0.1, cov_error
+    assert (rhat(draws) < 1.02).all()
+
+
+@pytest.mark.parametrize("dim", [2, 5])
+@pytest.mark.parametrize("name", ["slice", "hmc"])
+def test_samplers_match_gaussian_moments(name: str, dim: int) -> None:
+    mean, cov = _gaussian(dim)
+    gen = torch.Generator().manual_seed(0)
+    init = 3.0 * torch.randn(20, dim, generator=gen)  # over-dispersed, all chains different
+    info: dict = {}
+    draws = SAMPLERS[name](_potential(mean, cov), init, 250, warmup=150, generator=gen, info=info)
+    assert draws.shape == (250, 20, dim)
+    _check_moments(draws, mean, cov)
+    if name == "hmc":
+        assert 0.6 < info["acceptance"] < 0.95
+        assert info["divergences"] == 0
+    else:
+        assert info["shrink_failures"] == 0
+
+
+def test_samplers_are_reproducible_and_handle_minus_inf() -> None:
+    def potential(x: Tensor) -> Tensor:  # standard normal restricted to x > 0
+        lp = -0.5 * (x**2).sum(-1)
+        return torch.where((x > 0).all(-1), lp, torch.full_like(lp, -torch.inf))
+
+    init = torch.full((10, 1), 0.5)
+    a = slice_sample(potential, init, 50, generator=torch.Generator().manual_seed(3))
+    b = slice_sample(potential, init, 50, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+    assert (a > 0).all()
+    c = hmc_sample(potential, init, 50, warmup=50, generator=torch.Generator().manual_seed(3))
+    assert (c > 0).all() and torch.isfinite(c).all()
+
+
+def test_potential_shape_is_checked() -> None:
+    with pytest.raises(ValueError, match=r"\(N,\)"):
+        slice_sample(lambda x: -(x**2), torch.zeros(4, 2), 5)
+
+
+def test_run_mcmc_truncated_gaussian_in_box() -> None:
+    low, high = torch.tensor([0.0, -1.0]), torch.tensor([1.0, 1.0])
+    prior = BoxUniform(low, high)
+    loc, scale = torch.tensor([0.9, -0.8]), torch.tensor([0.3, 0.5])
+
+    def log_prob(theta: Tensor) -> Tensor:  # Gaussian likelihood times the box prior
+        return -0.5 * (((theta - loc) / scale) ** 2).sum(-1) + prior.log_prob(theta)
+
+    result = run_mcmc(log_prob, prior, 4000, n_chains=20, warmup=150, seed=0)
+    assert isinstance(result, MCMCResult)
+    assert result.samples.shape == (4000, 2)
+    assert result.chains.shape == (200, 20, 2)
+    assert ((result.samples >= low) & (result.samples <= high)).all()
+    a, b = ((low - loc) / scale).numpy(), ((high - loc) / scale).numpy()
+    exact = truncnorm(a, b, loc=loc.numpy(), scale=scale.numpy())
+    mean, sd = torch.as_tensor(exact.mean()), torch.as_tensor(exact.std())
+    z = (result.samples.double().mean(0) - mean) / (sd / result.ess.sqrt())
+    assert (z.abs() < 4).all(), z
+    assert (result.rhat < 1.05).all()
+    assert result.acceptance is None and result.seconds > 0
+
+
+def test_run_mcmc_hmc_and_thinning() -> None:
+    prior = Gaussian([0.0, 0.0], scale=2.0)
+
+    def log_prob(theta: Tensor) -> Tensor:
+        return prior.log_prob(theta) - 0.5 * (((theta - 1.0) / 0.5) ** 2).sum(-1)
+
+    result = run_mcmc(log_prob, prior, 1000, n_chains=10, warmup=100, thin=2, sampler="hmc", seed=1)
+    assert result.samples.shape == (1000, 2) and result.chains.shape == (100, 10, 2)
+    assert 0.5 < result.acceptance < 1.0
+    # Exact posterior: precision 1/4 + 4, mean 4 / (1/4 + 4).
+    z = (result.samples.double().mean(0) - 4 / 4.25) / (math.sqrt(1 / 4.25) / result.ess.sqrt())
+    assert (z.abs() < 4).all(), z
+
+
+def test_run_mcmc_rejects_wrong_log_prob_shape() -> None:
+    prior = BoxUniform([0.0, 0.0], [1.0, 1.0])
+    with pytest.raises(ValueError, match="log_prob"):
+        run_mcmc(lambda theta: -(theta**2), prior, 100)
+    with pytest.raises(ValueError, match="sampler"):
+        run_mcmc(lambda theta: -(theta**2).sum(-1), prior, 100, sampler="nuts")
+
+
+def test_run_mcmc_warns_when_chains_do_not_mix() -> None:
+    prior = Gaussian([0.0], scale=10.0)
+
+    def log_prob(theta: Tensor) -> Tensor:  # two far, narrow modes
+        t = theta[:, 0]
+        return torch.logaddexp(-0.5 * ((t - 10) / 0.5) ** 2, -0.5 * ((t + 10) / 0.5) ** 2)
+
+    with pytest.warns(UserWarning, match="R-hat"):
+        result = run_mcmc(log_prob, prior, 400, n_chains=8, warmup=50, sampler="hmc", seed=0)
+    assert result.rhat.max() > 1.1
+
+
+def test_rhat_detects_stuck_chains() -> None:
+    gen = torch.Generator().manual_seed(0)
+    mixed = torch.randn(500, 4, 2, generator=gen)
+    assert (rhat(mixed) < 1.01).all()
+    stuck = torch.randn(500, 4, 2, generator=gen)
+    stuck[:, :2] += 3.0  # two chains in one mode, two in another
+    assert (rhat(stuck) > 1.1).all()
+    trending = torch.randn(500, 4, 1, generator=gen) + torch.linspace(0, 3, 500)[:, None, None]
+    assert rhat(trending) > 1.1  # only split-R-hat sees a drift shared by all chains
+
+
+def test_ess_of_iid_and_ar1_draws() -> None:
+    gen = torch.Generator().manual_seed(0)
+    iid = torch.randn(1000, 4, 3, generator=gen)
+    assert ((ess(iid) / 4000 - 1).abs() < 0.15).all()
+
+    rho, n_steps, n_chains = 0.9, 5000, 4
+    noise = torch.randn(n_steps, n_chains, 2, generator=gen, dtype=torch.float64)
+    ar = torch.empty_like(noise)
+    ar[0] = noise[0] / math.sqrt(1 - rho**2)
+    for t in range(1, n_steps):
+        ar[t] = rho * ar[t - 1] + noise[t]
+    expected = n_steps * n_chains * (1 - rho) / (1 + rho)
+    assert ((ess(ar) / expected - 1).abs() < 0.25).all(), ess(ar)
+
+
+def test_sir_init_prefers_high_weights_and_avoids_duplicates() -> None:
+    gen = torch.Generator().manual_seed(0)
+    proposals = 3.0 * torch.randn(5000, 1, generator=gen)  # q = N(0, 3^2), target N(2, 0.5^2)
+    log_weights = -0.5 * ((proposals[:, 0] - 2) / 0.5) ** 2 + 0.5 * (proposals[:, 0] / 3) ** 2
+    log_weights[:10] = -torch.inf
+    init = sir_init(proposals, log_weights, 50, gen)
+    assert init.shape == (50, 1)
+    assert init.unique().numel() == 50
+    assert abs(init.mean().item() - 2.0) < 0.3 and abs(init.std().item() - 0.5) < 0.2
+    with pytest.raises(ValueError, match="non-finite"):
+        sir_init(proposals, torch.full((5000,), -torch.inf), 5, gen)
+    with pytest.warns(UserWarning, match="reusing"):
+        few = sir_init(proposals[:3], torch.zeros(3), 5, gen)
+    assert few.shape == (5, 1)

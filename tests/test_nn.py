@@ -1,0 +1,160 @@
+import json
+
+import pytest
+import torch
+
+from sbi_gen.nn import (
+    CNN,
+    EMBEDDINGS,
+    MLP,
+    Flatten,
+    ResidualMLP,
+    TimeEmbedding,
+    build_embedding,
+    default_embedding,
+)
+
+
+def _all_grads_nonzero(module: torch.nn.Module) -> None:
+    for name, p in module.named_parameters():
+        assert p.grad is not None, f"no gradient reached {name}"
+        assert torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, f"zero gradient for {name}"
+
+
+@pytest.mark.parametrize("batch", [(), (4,), (2, 3)])
+def test_mlp_and_residual_mlp_shapes(batch):
+    torch.manual_seed(0)
+    for net in (MLP(5, 3, hidden=(16, 16)), ResidualMLP(5, 3, hidden=16, blocks=2), MLP(5, 3, hidden=())):
+        assert net(torch.randn(*batch, 5)).shape == (*batch, 3)
+    assert len([m for m in MLP(5, 3, hidden=()).modules() if isinstance(m, torch.nn.Linear)]) == 1
+
+
+@pytest.mark.parametrize("activation", ["relu", "silu", "elu", "gelu", "tanh", torch.nn.Softplus])
+def test_activations_by_name_or_constructor(activation):
+    assert MLP(2, 1, hidden=(4,), activation=activation)(torch.randn(3, 2)).shape == (3, 1)
+
+
+def test_unknown_activation_raises():
+    with pytest.raises(ValueError, match="unknown activation"):
+        MLP(2, 1, activation="swishy")
+
+
+def test_flatten():
+    x = torch.randn(2, 3, 4, 5)
+    assert Flatten(1)(x) is x
+    assert Flatten(2)(x).shape == (2, 3, 20)
+    assert Flatten(3)(x).shape == (2, 60)
+
+
+@pytest.mark.parametrize("in_shape", [(12, 12), (2, 12, 10), (8, 8)])
+@pytest.mark.parametrize("batch", [(), (3,), (2, 3)])
+def test_cnn_shapes(in_shape, batch):
+    net = CNN(in_shape, out_features=7, channels=(4, 8, 8), hidden=(16,))
+    assert net(torch.randn(*batch, *in_shape)).shape == (*batch, 7)
+
+
+def test_cnn_dilations_cover_the_map_and_stay_valid():
+    net = CNN((64, 64))
+    convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [c.dilation[0] for c in convs] == [1, 2, 4, 8, 16]
+    assert 1 + sum(2 * c.dilation[0] for c in convs) >= 63  # receptive field spans the map
+    small = CNN((6, 6), channels=(2, 2, 2, 2), kernel_size=5)  # dilation capped, circular padding valid
+    assert small(torch.randn(2, 6, 6)).shape == (2, 64)
+
+
+@pytest.mark.parametrize("shift", [(1, 0), (0, 3), (5, -7), (11, 13)])
+def test_cnn_is_invariant_to_circular_shifts(shift):
+    torch.manual_seed(0)
+    net = CNN((16, 24), out_features=5, channels=(4, 8, 8, 8), hidden=(16,))
+    x = torch.randn(6, 16, 24)
+    shifted = torch.roll(x, shifts=shift, dims=(-2, -1))
+    out, out_shifted = net(x), net(shifted)
+    torch.testing.assert_close(out_shifted, out, atol=1e-5, rtol=1e-5)
+    # ...while it does see the statistics of the map: another amplitude gives another output
+    # (white-noise maps with equal variance share their statistics, hence their outputs).
+    assert not torch.allclose(net(3 * x), out, atol=1e-3)
+
+
+def test_cnn_multichannel_is_shift_invariant():
+    torch.manual_seed(1)
+    net = CNN((3, 10, 10), out_features=4, channels=(4, 4))
+    x = torch.randn(2, 3, 10, 10)
+    torch.testing.assert_close(net(torch.roll(x, (2, 7), (-2, -1))), net(x), atol=1e-5, rtol=1e-5)
+
+
+def test_cnn_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="odd"):
+        CNN((8, 8), kernel_size=4)
+    with pytest.raises(ValueError, match="maps of shape"):
+        CNN((8,))
+
+
+@pytest.mark.parametrize(
+    "net, x",
+    [
+        (MLP(4, 2, hidden=(8, 8)), torch.randn(5, 4)),
+        (ResidualMLP(4, 2, hidden=8, blocks=2), torch.randn(5, 4)),
+        (CNN((8, 8), out_features=3, channels=(4, 4), hidden=(8,)), torch.randn(5, 8, 8)),
+    ],
+    ids=["mlp", "resmlp", "cnn"],
+)
+def test_gradients_reach_every_parameter(net, x):
+    torch.manual_seed(0)
+    x = x.requires_grad_()
+    net(x).square().sum().backward()
+    _all_grads_nonzero(net)
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dim", [2, 16, 17])
+def test_time_embedding(dim):
+    emb = TimeEmbedding(dim)
+    t = torch.rand(4, 3)
+    e = emb(t)
+    assert e.shape == (4, 3, dim)
+    assert e.abs().max() <= 1.0
+    if dim % 2:
+        assert torch.all(e[..., -1] == 0)
+    half = dim // 2
+    torch.testing.assert_close(e[..., :half] ** 2 + e[..., half : 2 * half] ** 2, torch.ones(4, 3, half))
+    # Distinct times, even close ones, get distinct embeddings; the first frequency has period 2π/scale.
+    close = emb(torch.tensor([0.5, 0.501]))
+    assert (close[0] - close[1]).abs().max() > 1e-2
+    assert emb(torch.tensor(0.3)).shape == (dim,)
+    assert "freqs" not in emb.state_dict()  # derived from dim: rebuilt, not saved
+    assert emb.to(torch.float64)(torch.rand(2, dtype=torch.float64)).dtype == torch.float64
+
+
+def test_time_embedding_rejects_tiny_dim():
+    with pytest.raises(ValueError):
+        TimeEmbedding(1)
+
+
+@pytest.mark.parametrize("name", sorted(EMBEDDINGS))
+@pytest.mark.parametrize("c_shape", [(5,), (8, 8)])
+def test_build_embedding(name, c_shape):
+    if name == "cnn" and len(c_shape) == 1:
+        with pytest.raises(ValueError):
+            build_embedding(name, c_shape)
+        return
+    kwargs = {} if name == "identity" else json.loads(json.dumps({"out_features": 6}))
+    net, features = build_embedding(name, c_shape, **kwargs)
+    expected = (5 if c_shape == (5,) else 64) if name == "identity" else 6
+    assert features == expected
+    assert net(torch.randn(3, 2, *c_shape)).shape == (3, 2, features)
+    assert net(torch.randn(*c_shape)).shape == (features,)
+
+
+def test_build_embedding_errors_and_defaults():
+    assert default_embedding((3,)) == "mlp"
+    assert default_embedding((16, 16)) == "cnn"
+    assert default_embedding((2, 16, 16)) == "cnn"
+    with pytest.raises(ValueError, match="unknown embedding"):
+        build_embedding("transformer", (3,))
+    with pytest.raises(TypeError, match="bad arguments"):
+        build_embedding("mlp", (3,), widths=[3])
+    with pytest.raises(ValueError):
+        build_embedding("mlp", ())
+    net, _ = build_embedding("mlp", (3,), hidden=[8, 8], activation="relu")  # JSON lists are fine
+    assert net(torch.randn(2, 3)).shape == (2, 64)
