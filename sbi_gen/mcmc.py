@@ -41,7 +41,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from scipy.stats import rankdata
 from torch import Tensor
@@ -63,6 +62,8 @@ Potential = Callable[[Tensor], Tensor]
 # Width of a slice-sampling interval, in standard deviations along a frame direction, once
 # the frame has been adapted (about the width of a typical Gaussian slice; see run_mcmc).
 _ADAPTED_WIDTH = 4.0
+# A trajectory whose energy error exceeds this (or that meets a non-finite value) diverged (as Stan).
+_DIVERGENCE = 1000.0
 # Dual averaging constants of Hoffman & Gelman (2014), as in Stan.
 _DA_GAMMA, _DA_T0, _DA_KAPPA = 0.05, 10.0, 0.75
 
@@ -317,7 +318,9 @@ def hmc_sample(
     probability ``target_accept``; dual averaging restarts after each frame change and the
     averaged step size is used after warm-up. Each chain jitters the step size by a uniform
     factor in ``[0.8, 1.2]`` per step, which breaks the periodicity of fixed-length orbits.
-    Trajectories reaching a non-finite potential or gradient are rejected (divergences).
+    Trajectories reaching a non-finite potential or gradient, or an energy error above 1000,
+    are rejected and counted as divergences: in a region of high curvature the step size is
+    too large, and the draws may be biased there (raise ``target_accept``).
 
     Arguments:
         potential: Differentiable log density, ``(N, D) -> (N,)`` for any ``N``.
@@ -365,7 +368,8 @@ def hmc_sample(
             potential, x, logp, grad, momentum, eps * jitter, frame, n_leapfrog, counter
         )
         log_ratio = (logp_new - 0.5 * (p_new**2).sum(1)) - (logp - 0.5 * (momentum**2).sum(1))
-        log_ratio = torch.where(diverged | torch.isnan(log_ratio), torch.full_like(log_ratio, -torch.inf), log_ratio)
+        diverged = diverged | torch.isnan(log_ratio) | (log_ratio < -_DIVERGENCE)
+        log_ratio = torch.where(diverged, torch.full_like(log_ratio, -torch.inf), log_ratio)
         accept_prob = log_ratio.clamp(max=0.0).exp()
         accept = torch.rand(n_chains, dtype=dtype, generator=generator) < accept_prob
         x = torch.where(accept[:, None], x_new, x)
@@ -443,12 +447,12 @@ def sir_init(
     if n_finite == 0:
         raise ValueError("every proposal has a non-finite log weight (or is itself non-finite); cannot initialize")
     uniform = torch.rand(log_weights.shape, dtype=torch.float64, generator=generator).clamp(1e-300, 1.0)
-    keys = torch.where(finite, log_weights - torch.log(-torch.log(uniform)), torch.tensor(-torch.inf, dtype=torch.float64))
+    keys = torch.where(
+        finite, log_weights - torch.log(-torch.log(uniform)), torch.tensor(-torch.inf, dtype=torch.float64)
+    )
     order = torch.argsort(keys, descending=True)[: min(n_chains, n_finite)]
     if n_finite < n_chains:
-        warnings.warn(
-            f"only {n_finite} proposals have finite weight for {n_chains} chains; reusing them", stacklevel=2
-        )
+        warnings.warn(f"only {n_finite} proposals have finite weight for {n_chains} chains; reusing them", stacklevel=2)
         order = order[torch.arange(n_chains) % n_finite]
     return proposals[order].detach().clone()
 
@@ -642,10 +646,13 @@ def run_mcmc(
         sampler_options: Extra keyword arguments for the sampler (e.g. ``n_leapfrog``).
 
     Returns:
-        :class:`MCMCResult`; a warning is issued if any :math:`\hat R > 1.05`.
+        :class:`MCMCResult`.
 
     Raises:
         ValueError: If ``log_prob`` does not return shape ``(N,)``, or on bad arguments.
+
+    Warns:
+        UserWarning: If any :math:`\hat R > 1.05`, or if HMC transitions diverged.
 
     Example:
         >>> from sbi_gen.priors import Gaussian
@@ -685,6 +692,13 @@ def run_mcmc(
         r_hat, n_eff = rhat(chains), ess(chains)
     else:
         r_hat = n_eff = torch.full((chains.shape[-1],), torch.nan, dtype=torch.float64)
+    divergences = info.get("divergences", 0)
+    if divergences:
+        warnings.warn(
+            f"{divergences} of {n_steps * n_chains} HMC transitions diverged; the samples may be biased "
+            "where the posterior is strongly curved: raise sampler_options['target_accept'] or use slice",
+            stacklevel=2,
+        )
     if bool((r_hat > 1.05).any()):
         warnings.warn(
             f"MCMC chains have not mixed: R-hat up to {float(r_hat.max()):.3f} (> 1.05); "

@@ -83,9 +83,7 @@ def _check_count(n: Any, what: str = "n") -> int:
     return int(n)
 
 
-def _pairwise(
-    x: np.ndarray, theta: np.ndarray, fn: Callable[[np.ndarray, np.ndarray], np.ndarray]
-) -> np.ndarray:
+def _pairwise(x: np.ndarray, theta: np.ndarray, fn: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> np.ndarray:
     """``fn(x[:, None], theta[None])`` -> ``(m, k)``, evaluated in blocks of ``x`` rows to bound memory."""
     m, k = x.shape[0], theta.shape[0]
     width = max(x.shape[1], theta.shape[1])
@@ -94,6 +92,13 @@ def _pairwise(
     for start in range(0, m, rows):
         out[start : start + rows] = fn(x[start : start + rows, None, :], theta[None, :, :])
     return out
+
+
+def _logsumexp(a: np.ndarray, axis: int) -> np.ndarray:
+    peak = np.max(a, axis=axis, keepdims=True)
+    peak = np.where(np.isfinite(peak), peak, 0.0)
+    with np.errstate(divide="ignore"):
+        return np.squeeze(peak, axis=axis) + np.log(np.sum(np.exp(a - peak), axis=axis))
 
 
 def _prior_arrays(prior: Prior) -> tuple[str, dict[str, np.ndarray]]:
@@ -230,20 +235,21 @@ class _Mixture:
     def __init__(self, means: np.ndarray, chols: np.ndarray, log_weights: np.ndarray):
         self.means = means  # (K, D)
         self.chols = chols  # (K, D, D), lower Cholesky factors of the covariances
-        self.log_weights = log_weights - np.logaddexp.reduce(log_weights)  # (K,)
+        self.log_weights = log_weights - _logsumexp(log_weights, axis=0)  # (K,)
         self.half_logdets = np.sum(np.log(np.diagonal(chols, axis1=1, axis2=2)), axis=1)
+        self.inv_chols = np.linalg.inv(chols)
 
     def component_log_probs(self, theta: np.ndarray) -> np.ndarray:
         """``log w_k + log N(theta_i; mu_k, Sigma_k)``, shape ``(n, K)``."""
         dim = theta.shape[1]
         out = np.empty((theta.shape[0], self.means.shape[0]))
         for k in range(self.means.shape[0]):
-            z = np.linalg.solve(self.chols[k], (theta - self.means[k]).T)
-            out[:, k] = -0.5 * np.sum(z**2, axis=0) - self.half_logdets[k] - 0.5 * dim * _LOG_2PI
+            z = (theta - self.means[k]) @ self.inv_chols[k].T
+            out[:, k] = -0.5 * np.einsum("ij,ij->i", z, z) - self.half_logdets[k] - 0.5 * dim * _LOG_2PI
         return out + self.log_weights
 
     def log_prob(self, theta: np.ndarray) -> np.ndarray:
-        return np.logaddexp.reduce(self.component_log_probs(theta), axis=1)
+        return _logsumexp(self.component_log_probs(theta), axis=1)
 
     def sample(self, n: int, rng: np.random.Generator) -> np.ndarray:
         comp = rng.choice(self.means.shape[0], size=n, p=np.exp(self.log_weights))
@@ -251,23 +257,41 @@ class _Mixture:
         return self.means[comp] + np.einsum("nij,nj->ni", self.chols[comp], z)
 
 
-def _fit_mixture(theta: np.ndarray, n_components: int, rng: np.random.Generator, inflation: float) -> _Mixture:
+def _fit_mixture(
+    theta: np.ndarray,
+    n_components: int,
+    rng: np.random.Generator,
+    inflation: float,
+    start: _Mixture | None = None,
+    max_points: int = 5000,
+) -> _Mixture:
     """Rough EM fit of a full-covariance Gaussian mixture to the particles; covariances inflated.
 
     Only the efficiency of the moves depends on the fit (the proposal also holds a prior
-    component), so a fixed number of EM iterations from a random start suffices.
+    component), so a few EM iterations on at most ``max_points`` particles suffice: 30 from a
+    random start, or 10 from ``start`` (the previous temperature's mixture, deflated).
     """
+    if theta.shape[0] > max_points:
+        theta = theta[rng.choice(theta.shape[0], size=max_points, replace=False)]
     n, dim = theta.shape
-    k = max(1, min(n_components, n // (5 * (dim + 1))))
     pop_cov = np.atleast_2d(np.cov(theta.T)) + 1e-12 * np.eye(dim)
     reg = 1e-6 * np.diag(np.diag(pop_cov)) + 1e-300 * np.eye(dim)
-    means = theta[rng.choice(n, size=k, replace=False)]
-    covs = np.broadcast_to(pop_cov / k ** (2.0 / dim), (k, dim, dim)).copy()
-    log_weights = np.full(k, -math.log(k))
-    for _ in range(30):
+    if start is not None and start.means.shape[1] == dim:
+        k = start.means.shape[0]
+        means = start.means.copy()
+        covs = np.einsum("kij,klj->kil", start.chols, start.chols) / inflation
+        log_weights = start.log_weights.copy()
+        iterations = 10
+    else:
+        k = max(1, min(n_components, n // (5 * (dim + 1))))
+        means = theta[rng.choice(n, size=k, replace=False)]
+        covs = np.broadcast_to(pop_cov / k ** (2.0 / dim), (k, dim, dim)).copy()
+        log_weights = np.full(k, -math.log(k))
+        iterations = 30
+    for _ in range(iterations):
         mixture = _Mixture(means, np.linalg.cholesky(covs), log_weights)
         log_r = mixture.component_log_probs(theta)
-        log_r -= np.logaddexp.reduce(log_r, axis=1, keepdims=True)
+        log_r -= _logsumexp(log_r, axis=1)[:, None]
         r = np.exp(log_r)
         nk = r.sum(axis=0) + 1e-12
         log_weights = np.log(nk / n)
@@ -428,6 +452,7 @@ def sample_posterior_from_likelihood(
 
     gamma = 2.38 / math.sqrt(2.0 * dim)
     beta = 0.0
+    mixture: _Mixture | None = None
     info: dict[str, Any] = {"betas": [0.0], "sweeps": [], "acceptance_de": [], "acceptance_independence": []}
     while True:
         if beta < 1.0:
@@ -438,9 +463,8 @@ def sample_posterior_from_likelihood(
             theta, log_prior, loglik = theta[idx], log_prior[idx], loglik[idx]
             beta = new_beta
             info["betas"].append(beta)
-        mixture = None
         if mixture_components > 0:
-            mixture = _fit_mixture(theta, mixture_components, rng, mixture_inflation)
+            mixture = _fit_mixture(theta, mixture_components, rng, mixture_inflation, start=mixture)
             log_q = _proposal_log_prob(mixture, prior, prior_fraction, theta, log_prior)
         target_moves = final_moves if beta >= 1.0 else moves_per_stage
         moves = 0.0

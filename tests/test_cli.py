@@ -1,0 +1,167 @@
+"""The command line through real subprocesses: outputs, one-line errors, kill -9 and resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from sbi_gen.store import read_info
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def sbi_gen(*args, check=True, timeout=300):
+    proc = subprocess.run(
+        [sys.executable, "-m", "sbi_gen.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"sbi-gen {' '.join(map(str, args))} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def assert_one_line_error(proc, *fragments):
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 or lines[-1].startswith("sbi-gen") or "error:" in lines[-1], proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[-1], (fragment, proc.stderr)
+
+
+def test_simulators_lists_every_registered_simulator():
+    out = sbi_gen("simulators").stdout
+    for name in ("particle", "cosmology", "gaussian_linear", "two_moons", "slcp"):
+        assert name in out
+    assert "m_X [GeV]" in out
+
+
+def test_simulate_then_info(tmp_path):
+    path = tmp_path / "moons.h5"
+    out = sbi_gen("simulate", "two_moons", "--n", 3000, "--out", path, "--seed", 4, "--workers", 2, "--chunk-size", 500).stdout
+    assert "3,000 (3,000 valid" in out and "simulations/s" in out
+    info = sbi_gen("info", path).stdout
+    assert "two_moons" in info and "seed            4" in info and "(3000, 2)" in info
+    as_json = json.loads(sbi_gen("info", path, "--json").stdout)
+    assert as_json["n_simulations"] == 3000
+    again = sbi_gen("simulate", "two_moons", "--n", 3000, "--out", path, "--seed", 4, "--chunk-size", 500).stdout
+    assert "already complete" in again
+
+
+def test_simulate_errors_are_one_line(tmp_path):
+    assert_one_line_error(sbi_gen("simulate", "nope", "--n", 10, "--out", tmp_path / "a.h5", check=False), "unknown simulator 'nope'", "particle")
+    assert_one_line_error(sbi_gen("simulate", "two_moons", "--n", 0, "--out", tmp_path / "a.h5", check=False), "positive integer")
+    assert_one_line_error(sbi_gen("simulate", "two_moons", "--n", -4, "--out", tmp_path / "a.h5", check=False), "positive integer")
+    assert_one_line_error(sbi_gen("simulate", "two_moons", "--n", 10, "--out", tmp_path / "no" / "a.h5", check=False), "does not exist")
+    assert_one_line_error(sbi_gen("simulate", "two_moons", "--n", 10, "--out", "/sys/a.h5", check=False), "cannot write")
+    assert_one_line_error(
+        sbi_gen("simulate", "cosmology", "--n", 10, "--out", tmp_path / "a.h5", "--config", '{"n_pixels": 8}', check=False),
+        "bad --config",
+    )
+    sbi_gen("simulate", "two_moons", "--n", 100, "--out", tmp_path / "b.h5", "--seed", 1)
+    assert_one_line_error(
+        sbi_gen("simulate", "two_moons", "--n", 100, "--out", tmp_path / "b.h5", "--seed", 2, check=False),
+        "different training set",
+        "--overwrite",
+    )
+    assert sbi_gen("simulate", "two_moons", "--n", 100, "--out", tmp_path / "b.h5", "--seed", 2, "--overwrite").returncode == 0
+
+
+def test_info_errors_are_one_line(tmp_path):
+    bad = tmp_path / "bad.h5"
+    bad.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 100)
+    assert_one_line_error(sbi_gen("info", bad, check=False), "not a readable HDF5 file")
+    assert_one_line_error(sbi_gen("info", tmp_path / "missing.h5", check=False), "no such file")
+    foreign = tmp_path / "foreign.h5"
+    with h5py.File(foreign, "w") as f:
+        f["data"] = np.arange(3)
+    assert_one_line_error(sbi_gen("info", foreign, check=False), "not an sbi_gen training set")
+
+
+def test_kill_minus_9_of_the_cli_with_workers_then_resume(tmp_path):
+    path = tmp_path / "maps.h5"
+    args = ["simulate", "cosmology", "--n", 30000, "--out", path, "--seed", 7, "--workers", 2, "--chunk-size", 250,
+            "--config", '{"n_pix": 16}', "--quiet"]
+    rng = np.random.default_rng(0)
+    kills = 0
+    for _ in range(3):
+        proc = subprocess.Popen([sys.executable, "-m", "sbi_gen.cli", *map(str, args)], cwd=ROOT, start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(2.5, 5.0))
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            kills += 1
+        proc.wait()
+        if not path.exists():
+            # Killed after the run started: `info` says it is unfinished; before: that there is no file.
+            started = (tmp_path / "maps.h5.partial" / "run.json").exists()
+            expected = ("unfinished", "run the same simulate command again") if started else ("no such file",)
+            assert_one_line_error(sbi_gen("info", path, check=False), *expected)
+    assert kills >= 1
+    out = sbi_gen(*args).stdout
+    assert "resumed from an earlier run" in out
+    reference = tmp_path / "reference.h5"
+    sbi_gen(*[a if a != path else reference for a in args[:-5]], "--workers", 1, "--chunk-size", 250, "--config", '{"n_pix": 16}', "--quiet")
+    with h5py.File(path) as a, h5py.File(reference) as b:
+        for key in ("theta", "x", "valid", "latents/kappa"):
+            assert np.array_equal(a[key][:], b[key][:]), key
+    assert read_info(path)["n_valid"] == 30000
+
+
+def test_train_and_sample_end_to_end(tmp_path):
+    data = tmp_path / "moons.h5"
+    sbi_gen("simulate", "two_moons", "--n", 2000, "--out", data, "--seed", 0, "--quiet")
+    model = tmp_path / "model"
+    out = sbi_gen("train", data, "--method", "npe", "--estimator", "nsf", "--out", model, "--max-epochs", 3,
+                  "--estimator-kwargs", '{"transforms": 2, "hidden_features": [32, 32]}', "--quiet").stdout
+    assert "model saved" in out and (model / "config.json").exists() and (model / "weights.pt").exists()
+    samples = tmp_path / "samples.h5"
+    out = sbi_gen("sample", model, "--obs", ROOT / "data/observations/two_moons.h5", "--index", 1, "--n", 500, "--out", samples).stdout
+    assert "68% interval" in out and "theta_1" in out
+    with h5py.File(samples) as f:
+        assert f["samples"].shape == (500, 2)
+        assert json.loads(f.attrs["parameter_names"]) == ["theta_1", "theta_2"]
+        assert np.all(np.abs(f["samples"][:]) <= 1)  # inside the prior box
+    x_obs = tmp_path / "x.npy"
+    np.save(x_obs, np.array([0.1, 0.2]))
+    assert sbi_gen("sample", model, "--obs", x_obs, "--n", 10, "--out", tmp_path / "s2.h5").returncode == 0
+
+    wrong = tmp_path / "wrong.npy"
+    np.save(wrong, np.zeros(3))
+    assert_one_line_error(sbi_gen("sample", model, "--obs", wrong, "--n", 10, "--out", tmp_path / "s.h5", check=False),
+                          "x_obs has shape (3,)", "(2,)")
+    assert_one_line_error(sbi_gen("sample", tmp_path / "nomodel", "--obs", x_obs, "--out", tmp_path / "s.h5", check=False),
+                          "no such checkpoint")
+    assert_one_line_error(sbi_gen("sample", model, "--obs", ROOT / "data/observations/two_moons.h5", "--index", 9,
+                                  "--out", tmp_path / "s.h5", check=False), "out of range")
+    assert_one_line_error(sbi_gen("train", data, "--estimator", "gan", "--out", tmp_path / "m", check=False),
+                          "unknown estimator 'gan'")
+    assert_one_line_error(sbi_gen("train", tmp_path / "none.h5", "--out", tmp_path / "m", check=False), "no such file")
+
+
+def test_nle_through_the_cli(tmp_path):
+    data = tmp_path / "lin.h5"
+    sbi_gen("simulate", "two_moons", "--n", 1500, "--out", data, "--seed", 0, "--quiet")
+    model = tmp_path / "nle"
+    sbi_gen("train", data, "--method", "nle", "--out", model, "--max-epochs", 2,
+            "--estimator-kwargs", '{"transforms": 1, "hidden_features": [16]}', "--quiet")
+    out = sbi_gen("sample", model, "--obs", ROOT / "data/observations/two_moons.h5", "--n", 200, "--out", tmp_path / "s.h5").stdout
+    assert "R-hat" in out
+    with h5py.File(tmp_path / "s.h5") as f:
+        assert f["samples"].shape == (200, 2) and "rhat" in f.attrs
+
+
+@pytest.mark.parametrize("name", ["particle", "cosmology", "gaussian_linear", "two_moons", "slcp"])
+def test_shipped_observations_are_valid_files(name):
+    info = read_info(ROOT / "data/observations" / f"{name}.h5")
+    assert info["simulator"] == name and info["n_valid"] == info["n_simulations"] == 5
