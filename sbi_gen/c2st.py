@@ -46,6 +46,8 @@ def c2st(
     n_folds: int = 5,
     z_score: bool = True,
     n_max: int | None = None,
+    early_stopping: bool = False,
+    n_jobs: int | None = None,
 ) -> float:
     """Cross-validated accuracy of a classifier separating ``samples_p`` from ``samples_q``.
 
@@ -68,6 +70,14 @@ def c2st(
         z_score: Standardize with the statistics of ``samples_p`` first.
         n_max: If given and smaller than ``n``, use ``n_max`` rows of each set, drawn without
             replacement by ``numpy.random.default_rng(seed)`` (to bound the run time).
+        early_stopping: Stop each classifier when accuracy on 10% of its training fold stops
+            improving (scikit-learn's ``early_stopping=True``), instead of sbibm's rule. Without
+            it, a classifier facing nearly identical sets keeps overfitting for thousands of
+            epochs (about 90 s for 2×2000 samples in 10-D on one core); with it, a few seconds.
+            The score is still an honest held-out accuracy (the stopped classifier is, if
+            anything, less able to separate the sets), so thresholds stay meaningful, but it is
+            not the sbibm number: benchmarks use the default.
+        n_jobs: Folds fitted in parallel (scikit-learn's ``n_jobs``).
 
     Returns:
         Mean accuracy over folds, in ``[0, 1]``; 0.5 means indistinguishable.
@@ -109,9 +119,10 @@ def c2st(
         max_iter=10000,
         solver="adam",
         random_state=seed,
+        early_stopping=early_stopping,
     )
     data = np.concatenate([p, q])
     target = np.concatenate([np.zeros(p.shape[0]), np.ones(q.shape[0])])
     folds = KFold(n_splits=n_folds, shuffle=True, random_state=seed)
-    scores = cross_val_score(classifier, data, target, cv=folds, scoring="accuracy")
+    scores = cross_val_score(classifier, data, target, cv=folds, scoring="accuracy", n_jobs=n_jobs)
     return float(np.mean(scores))

@@ -25,9 +25,9 @@ Example:
     >>> prior = BoxUniform([-3.0, -3.0], [3.0, 3.0])
     >>> def log_prob(theta):  # unnormalized posterior in constrained space
     ...     return -0.5 * (theta**2).sum(-1) + prior.log_prob(theta)
-    >>> result = run_mcmc(log_prob, prior, 1000, seed=0)
-    >>> result.samples.shape
-    torch.Size([1000, 2])
+    >>> result = run_mcmc(log_prob, prior, 2000, n_chains=20, seed=0)
+    >>> result.samples.shape, result.chains.shape
+    (torch.Size([2000, 2]), torch.Size([100, 20, 2]))
     >>> bool(result.rhat.max() < 1.05)
     True
 """
@@ -45,6 +45,8 @@ import torch
 from scipy.stats import rankdata
 from torch import Tensor
 from torch.distributions import Distribution
+
+from sbi_gen.priors import sample_prior
 
 __all__ = [
     "SAMPLERS",
@@ -86,6 +88,8 @@ def _value_and_grad(potential: Potential, x: Tensor, counter: dict[str, int]) ->
     with torch.enable_grad():
         x = x.detach().requires_grad_(True)
         value = _evaluate(potential, x, counter)
+        if not value.requires_grad:
+            raise ValueError("HMC needs a differentiable potential; it returned a tensor without a gradient")
         (grad,) = torch.autograd.grad(value.sum(), x)
     return value.detach(), grad
 
@@ -315,8 +319,8 @@ def hmc_sample(
     the identity and, with ``adapt``, re-estimated at warm-up steps ``warmup/8, /4, /2`` as the
     Cholesky factor of the covariance pooled over all chains. One step size, shared by all
     chains, is tuned by dual averaging (Hoffman & Gelman 2014) towards a mean acceptance
-    probability ``target_accept``; dual averaging restarts after each frame change and the
-    averaged step size is used after warm-up. Each chain jitters the step size by a uniform
+    probability ``target_accept``; dual averaging restarts after each frame change (from the
+    step size rescaled to the new frame) and the averaged step size is used after warm-up. Each chain jitters the step size by a uniform
     factor in ``[0.8, 1.2]`` per step, which breaks the periodicity of fixed-length orbits.
     Trajectories reaching a non-finite potential or gradient, or an energy error above 1000,
     are rejected and counted as divergences: in a region of high curvature the step size is
@@ -388,8 +392,11 @@ def hmc_sample(
                 eps = math.exp(dual["log_eps"])
                 if step + 1 in adapt_at:
                     start = (previous + step + 1) // 2
-                    frame = _estimate_frame(history[start : step + 1].reshape(-1, dim)).to(dtype)
-                    previous = step + 1
+                    new_frame = _estimate_frame(history[start : step + 1].reshape(-1, dim)).to(dtype)
+                    # Keep the step's physical length: rescale by the change of the frame's scale.
+                    scale = torch.diagonal(frame).log().mean() - torch.diagonal(new_frame).log().mean()
+                    eps = eps * math.exp(float(scale))
+                    frame, previous = new_frame, step + 1
                     dual = restart(eps)
                 if step + 1 == warmup:
                     eps = math.exp(dual["log_eps_bar"])
@@ -593,6 +600,8 @@ def _posterior_potential(log_prob: Potential, prior: Distribution) -> Potential:
         if not isinstance(value, Tensor) or value.shape != u.shape[:1]:
             shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
             raise ValueError(f"log_prob must map theta (N, D) to (N,); got {shape} for theta {tuple(theta.shape)}")
+        if u.requires_grad and not value.requires_grad:
+            raise ValueError("log_prob is not differentiable (does it run under torch.no_grad?); HMC needs gradients")
         ladj = transform.log_abs_det_jacobian(u, theta)
         if ladj.ndim == 2:
             ladj = ladj.sum(dim=-1)
@@ -606,13 +615,14 @@ def run_mcmc(
     prior: Distribution,
     n_samples: int,
     *,
-    n_chains: int = 20,
-    warmup: int = 200,
+    n_chains: int = 100,
+    warmup: int = 100,
     thin: int = 1,
     sampler: str = "slice",
     init_proposals: int = 10_000,
     seed: int = 0,
     sampler_options: dict[str, Any] | None = None,
+    num_threads: int | None = 1,
 ) -> MCMCResult:
     r"""Sample :math:`\pi(\theta) \propto \exp(\mathrm{log\_prob}(\theta))` by MCMC in unconstrained space.
 
@@ -622,16 +632,18 @@ def run_mcmc(
     ``log_prob(theta) - prior.log_prob(theta)``, run ``warmup`` adapting steps (discarded),
     then ``ceil(n_samples * thin / n_chains)`` steps of which every ``thin``-th is kept.
 
-    Defaults, chosen by measurement (2- to 5-D Gaussians, strongly correlated or badly
-    scaled, and a truncated Gaussian; 2-core CPU): 20 chains; 200 warm-up steps, after which
-    the slice sampler's frame is adapted and :math:`\hat R < 1.01`; ``thin=1`` because one
-    adapted slice sweep gives nearly independent draws for a Gaussian (bulk ESS about 0.5-1
-    per draw); 10,000 SIR proposals (one batched ``log_prob`` call). Slice sampling is the
-    default because it needs no gradients and no step-size tuning; it costs about 4-5
-    potential rows per chain and dimension per step. 10,000 draws of a 3-D Gaussian take
-    about 1 s.
-
-    Arguments:
+    Defaults, chosen by measurement (2-core CPU, single-threaded torch): 100 chains and 100
+    warm-up steps. Chains are vectorized, so the cost is set by the number of potential
+    *calls*, i.e. by the steps per chain: for 10,000 draws of a 3-D posterior whose likelihood
+    is a 5-layer neural spline flow (about 15 ms per call), 20 chains x (200 warm-up + 500)
+    steps took 120 s of CPU, 50 x (200 + 200) 52 s and 100 x (100 + 100) 36 s, all with bulk
+    ESS 8,500-9,100 and R-hat < 1.015; 200 chains were no faster. The frame adaptation
+    converges within 50-100 warm-up steps from SIR starts. ``thin=1`` because one adapted
+    slice sweep gives nearly independent draws for a Gaussian (bulk ESS 0.8-0.9 per draw);
+    10,000 SIR proposals cost one batched ``log_prob`` call. Slice sampling is the default:
+    it needs no gradients and no step size and costs about 5 potential rows per chain and
+    dimension per step; on the flow above it gave 1.5 times HMC's ESS per draw for 1.4 times
+    its CPU time (HMC: 10 leapfrog steps with gradients), and it copes with ``-inf``.    Arguments:
         log_prob: Unnormalized log posterior in constrained space (log-likelihood plus
             log-prior), ``(N, D) -> (N,)``; must be differentiable for ``sampler="hmc"``.
         prior: Prior with ``transform`` (bijection :math:`\mathbb{R}^D \to` support),
@@ -644,6 +656,10 @@ def run_mcmc(
         init_proposals: Number of prior draws for SIR initialization.
         seed: Seed of every random draw (prior proposals, SIR, sampler).
         sampler_options: Extra keyword arguments for the sampler (e.g. ``n_leapfrog``).
+        num_threads: Torch intra-op threads during the run (restored after); ``None`` leaves
+            the setting alone. MCMC batches are small, and on a busy 2-core machine threaded
+            kernels were 20-80 times slower per call than single-threaded ones (a flow
+            ``log_prob`` on 100 rows: 400 ms against 5-20 ms), hence the default 1.
 
     Returns:
         :class:`MCMCResult`.
@@ -661,12 +677,36 @@ def run_mcmc(
         >>> result.samples.shape
         torch.Size([200, 1])
     """
-    from sbi_gen.priors import sample_prior
-
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; known: {', '.join(SAMPLERS)}")
     if n_samples < 1 or n_chains < 1 or thin < 1 or warmup < 0 or init_proposals < 1:
         raise ValueError("need n_samples, n_chains, thin, init_proposals >= 1 and warmup >= 0")
+    if num_threads is not None and num_threads < 1:
+        raise ValueError(f"num_threads must be None or >= 1, got {num_threads}")
+    threads = torch.get_num_threads()
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+    try:
+        return _run_mcmc(
+            log_prob, prior, n_samples, n_chains, warmup, thin, sampler, init_proposals, seed, sampler_options
+        )
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_mcmc(
+    log_prob: Potential,
+    prior: Distribution,
+    n_samples: int,
+    n_chains: int,
+    warmup: int,
+    thin: int,
+    sampler: str,
+    init_proposals: int,
+    seed: int,
+    sampler_options: dict[str, Any] | None,
+) -> MCMCResult:
+    """Body of :func:`run_mcmc`, with its arguments checked."""
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(seed)
     potential = _posterior_potential(log_prob, prior)
@@ -697,13 +737,13 @@ def run_mcmc(
         warnings.warn(
             f"{divergences} of {n_steps * n_chains} HMC transitions diverged; the samples may be biased "
             "where the posterior is strongly curved: raise sampler_options['target_accept'] or use slice",
-            stacklevel=2,
+            stacklevel=3,
         )
     if bool((r_hat > 1.05).any()):
         warnings.warn(
             f"MCMC chains have not mixed: R-hat up to {float(r_hat.max()):.3f} (> 1.05); "
             "increase warmup or n_samples, or check for multimodality",
-            stacklevel=2,
+            stacklevel=3,
         )
     return MCMCResult(
         samples=samples,

@@ -217,12 +217,12 @@ def run_chunk(simulator: Any, prior: Any, n: int, seed_sequence: np.random.SeedS
     n_failed = 0
     try:
         raw = simulator.simulate(theta64, np.random.default_rng(sim_seed))
-    except Exception as batch_error:  # noqa: BLE001 - any error inside the simulator becomes a per-row retry
+    except Exception as batch_error:
         rows = []
         for i, row_seed in enumerate(sim_seed.spawn(n)):
             try:
                 raw_row = simulator.simulate(theta64[i : i + 1], np.random.default_rng(row_seed))
-            except Exception as error:  # noqa: BLE001
+            except Exception as error:
                 n_failed += 1
                 if not first_error:
                     first_error = f"{type(error).__name__}: {error}"

@@ -595,6 +595,6 @@ def train_val_split(n: int, val_fraction: float = 0.1, seed: int = 0) -> tuple[n
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     if n < 2:
         raise ValueError(f"need at least 2 rows to split into training and validation, got {n}")
-    n_val = max(1, int(round(n * val_fraction)))
+    n_val = max(1, round(n * val_fraction))
     order = np.random.default_rng(seed).permutation(n)
     return np.sort(order[n_val:]), np.sort(order[:n_val])

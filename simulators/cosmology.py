@@ -457,8 +457,8 @@ class CosmologySimulator(Simulator):
 
     name = "cosmology"
     version = "1.0"
-    parameter_names = ["Omega_m", "sigma_8", "w_0"]  # noqa: RUF012 - class-level protocol attribute
-    parameter_units = ["", "", ""]  # noqa: RUF012
+    parameter_names = ["Omega_m", "sigma_8", "w_0"]
+    parameter_units = ["", "", ""]
     observable_names = None
 
     def __init__(

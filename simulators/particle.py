@@ -178,10 +178,10 @@ class ParticleSimulator(Simulator):
 
     name = "particle"
     version = "1.0"
-    parameter_names = ["m_X", "lam", "beta"]  # noqa: RUF012 - class-level protocol attribute
-    parameter_units = ["GeV", "", ""]  # noqa: RUF012
+    parameter_names = ["m_X", "lam", "beta"]
+    parameter_units = ["GeV", "", ""]
     observable_shape = (7,)
-    observable_names = [  # noqa: RUF012
+    observable_names = [
         "jet_mass",
         "n_constituents",
         "log_z_lead",

@@ -139,6 +139,13 @@ def test_run_mcmc_rejects_wrong_log_prob_shape() -> None:
     with pytest.raises(ValueError, match="sampler"):
         run_mcmc(lambda theta: -(theta**2).sum(-1), prior, 100, sampler="nuts")
 
+    @torch.no_grad()
+    def no_grad_log_prob(theta: Tensor) -> Tensor:
+        return -(theta**2).sum(-1)
+
+    with pytest.raises(ValueError, match="differentiable"):
+        run_mcmc(no_grad_log_prob, prior, 100, sampler="hmc")
+
 
 def test_run_mcmc_warns_when_chains_do_not_mix() -> None:
     prior = Gaussian([0.0], scale=10.0)

@@ -167,7 +167,9 @@ class _EstimatorDistribution(TransformedDistribution):
         self._upper = upper
 
     def expand(self, batch_shape: Size | Sequence[int], _instance: Distribution | None = None) -> Distribution:
-        return _EstimatorDistribution(self.base_dist.expand(Size(batch_shape)), self.transforms, self._lower, self._upper)
+        return _EstimatorDistribution(
+            self.base_dist.expand(Size(batch_shape)), self.transforms, self._lower, self._upper
+        )
 
     @property
     def core(self) -> Distribution:

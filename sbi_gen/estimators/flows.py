@@ -172,12 +172,22 @@ class CNF(ConditionalEstimator):
     r"""Continuous normalizing flow (FFJORD) with a free-form MLP vector field.
 
     :math:`dz/dt = g_\phi(t, z, h)`, integrated from :math:`t = 0` to 1 by adaptive
-    Dormand–Prince with adjoint gradients. Cost: ``log_prob`` and ``loss`` integrate the
-    state together with the exact Jacobian trace (``exact=True``: ``y_dim`` vector–Jacobian
-    products per function evaluation, tens of evaluations per solve), easily 10–100× an
-    :class:`NSF` evaluation and growing as training sharpens the field; sampling integrates
-    the state alone and is cheaper. ``exact=False`` uses Hutchinson's unbiased stochastic
-    trace, cheaper for large ``y_dim`` but then ``log_prob`` is a noisy estimate. In
+    Dormand–Prince with adaptive-checkpoint adjoint gradients.
+
+    Cost: ``log_prob`` and ``loss`` integrate the state together with the exact Jacobian
+    trace (``exact=True``: ``y_dim`` vector–Jacobian products per function evaluation);
+    sampling integrates the state alone. Measured on one CPU thread with default sizes,
+    *untrained* (training stiffens the field and adds solver steps), for ``y_dim`` 2 / 10:
+
+    - CNF: ``log_prob`` of 1000 points 0.30 / 0.90 s, 1000 samples 65 / 72 ms,
+      ``loss`` + backward on 256 pairs 0.23 / 0.71 s;
+    - default :class:`NSF`: 13 / 32 ms, 24 / 336 ms, 15 / 25 ms;
+
+    so a CNF trains 15–30× slower than the default NSF, while its sampling does not grow
+    with ``y_dim`` as autoregressive sampling does. ``exact=False`` uses Hutchinson's
+    unbiased stochastic trace, cheaper for large ``y_dim`` but then ``log_prob`` is a noisy
+    estimate. Evaluate ``log_prob`` under ``torch.no_grad()`` / ``eval()`` when no gradient
+    is needed: in training mode zuko builds the double-backward graph of the trace. In
     ``eval()`` mode gradients do not reach the vector field's parameters (zuko passes them
     to the adjoint only in training mode).
 

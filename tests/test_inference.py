@@ -1,0 +1,98 @@
+"""NPE and NLE against analytic posteriors."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import simulators
+from sbi_gen.c2st import c2st
+from sbi_gen.inference import NLE, NPE
+from sbi_gen.priors import BoxUniform, Gaussian
+from sbi_gen.simulate import as_simulator, simulate
+from sbi_gen.train import TrainConfig
+
+NOISE = 0.5
+
+
+def _gaussian_toy():
+    prior = Gaussian([0.0, 0.0], scale=1.0, names=["a", "b"])
+    return prior, as_simulator(lambda theta, rng: theta + NOISE * rng.normal(size=theta.shape), prior, name="toy")
+
+
+def _exact(x_obs: np.ndarray) -> tuple[np.ndarray, float]:
+    """Posterior mean and std of θ ~ N(0, I), x_i ~ N(θ, NOISE² I), i = 1..m."""
+    m = len(x_obs)
+    precision = 1 + m / NOISE**2
+    return x_obs.sum(0) / NOISE**2 / precision, 1 / math.sqrt(precision)
+
+
+def test_npe_gaussian_linear_reaches_c2st_0_55_at_10k_simulations():
+    task = simulators.get("gaussian_linear")
+    data = simulate(task, n=10_000, seed=0)
+    npe = NPE(task.prior)
+    npe.fit((data["theta"], data["x"]), config=TrainConfig(progress=False))
+    _, x_o = task.observations(2, seed=1)
+    scores = []
+    for i in range(2):
+        reference = task.reference_posterior(x_o[i], 2000, seed=i)
+        samples = npe.posterior(x_o[i]).sample((2000,)).numpy()
+        # The early-stopping classifier keeps this test fast; benchmarks/compare_sbi.py uses sbibm's exact rule.
+        scores.append(c2st(reference, samples, early_stopping=True))
+    # C2ST of two identical distributions at 2×2000 points has standard deviation ≈ sqrt(0.25/4000) ≈ 0.008.
+    assert np.mean(scores) <= 0.55, scores
+
+
+def test_nle_iid_observations_tighten_towards_the_exact_posterior():
+    prior, sim = _gaussian_toy()
+    data = simulate(sim, n=4000, seed=0)
+    nle = NLE(prior, estimator_kwargs={"transforms": 2, "hidden_features": [32, 32]})
+    nle.fit((data["theta"], data["x"]), config=TrainConfig(progress=False))
+    x_all = simulate(sim, theta=np.array([[0.7, -0.4]] * 8), seed=3)["x"]
+    stds = []
+    for m in (1, 8):
+        posterior = nle.posterior(x_all[:m])
+        samples = posterior.sample((2000,)).numpy()
+        mean, std = _exact(x_all[:m])
+        ess = float(posterior.mcmc.ess.min())
+        assert float(posterior.mcmc.rhat.max()) < 1.05
+        # A learned likelihood is not exact: allow 20% of a posterior std of model error, plus 4 MC standard errors.
+        np.testing.assert_array_less(np.abs(samples.mean(0) - mean), 0.2 * std + 4 * std / math.sqrt(ess))
+        np.testing.assert_array_less(np.abs(samples.std(0) / std - 1), 0.2)
+        stds.append(samples.std(0))
+    assert np.all(stds[1] < stds[0] / 2)
+
+
+def test_npe_samples_stay_in_a_box_prior_and_log_prob_is_minus_inf_outside():
+    prior = BoxUniform([0.0, 0.0], [1.0, 1.0])
+    sim = as_simulator(lambda theta, rng: theta + 0.3 * rng.normal(size=theta.shape), prior, name="box")
+    data = simulate(sim, n=1000, seed=0)
+    npe = NPE(prior, estimator_kwargs={"transforms": 1, "hidden_features": [16]})
+    npe.fit((data["theta"], data["x"]), config=TrainConfig(max_epochs=3, progress=False))
+    posterior = npe.posterior(np.array([0.98, 0.02]))  # near a corner: much mass would leak without the bijection
+    samples = posterior.sample((5000,))
+    assert samples.shape == (5000, 2)
+    assert torch.isfinite(prior.log_prob(samples)).all()
+    assert posterior.log_prob(torch.tensor([[1.5, 0.5], [-0.1, 0.5]])).tolist() == [-math.inf, -math.inf]
+    batched = npe.sample_batched(data["x"][:7], 30)
+    assert batched.shape == (30, 7, 2) and torch.isfinite(prior.log_prob(batched)).all()
+
+
+def test_clear_errors_for_bad_use():
+    prior, sim = _gaussian_toy()
+    data = simulate(sim, n=200, seed=0)
+    npe = NPE(prior, estimator_kwargs={"transforms": 1, "hidden_features": [8]})
+    with pytest.raises(RuntimeError, match="not trained yet"):
+        npe.posterior(np.zeros(2))
+    npe.fit((data["theta"], data["x"]), config=TrainConfig(max_epochs=1, progress=False))
+    with pytest.raises(ValueError, match=r"x_obs has shape \(3,\).*\(2,\)"):
+        npe.posterior(np.zeros(3))
+    with pytest.raises(ValueError, match="NaN"):
+        npe.posterior(np.array([0.0, np.nan]))
+    with pytest.raises(ValueError, match="unknown estimator 'gan'"):
+        NPE(prior, "gan")
+    with pytest.raises(ValueError, match="theta has 3 parameters but the prior has 2"):
+        npe.fit((np.zeros((20, 3)), np.zeros((20, 2))))
+    with pytest.raises(ValueError, match="NLE models vector observations"):
+        NLE(prior).fit((np.zeros((20, 2)), np.zeros((20, 4, 4))))

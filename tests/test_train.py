@@ -1,0 +1,94 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from sbi_gen.estimators import build_estimator
+from sbi_gen.priors import BoxUniform
+from sbi_gen.simulate import as_simulator
+from sbi_gen.store import simulate_to_hdf5
+from sbi_gen.train import TrainConfig, _mean_loss, fit
+
+SMALL = {"transforms": 1, "hidden_features": [16, 16]}
+
+
+def _data(n=600, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    c = torch.randn(n, 1, generator=g)
+    y = 2 * c + 0.3 * torch.randn(n, 1, generator=g)
+    return y, c
+
+
+def test_fit_returns_history_and_restores_best_weights():
+    y, c = _data()
+    est = build_estimator("nsf", 1, (1,), **SMALL)
+    history = fit(est, (y, c), config=TrainConfig(max_epochs=15, progress=False, batch_size=64))
+    assert len(history.train_loss) == len(history.val_loss) == len(history.learning_rate) <= 15
+    assert history.best_val_loss == min(history.val_loss)
+    assert history.n_train + history.n_val == 600
+    # The weights left in the estimator are the best epoch's: re-evaluating gives its loss.
+    from sbi_gen.store import train_val_split
+
+    _, val = train_val_split(600, 0.1, seed=0)
+    assert _mean_loss(est, y[val], c[val], 1024) == pytest.approx(history.best_val_loss, rel=1e-5)
+    # Learning happened: the loss fell well below that of the untrained model (~ the marginal entropy).
+    assert history.best_val_loss < history.val_loss[0]
+
+
+def test_fit_is_reproducible_with_a_seed():
+    y, c = _data()
+    weights = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        est = build_estimator("nsf", 1, (1,), **SMALL)
+        fit(est, (y, c), config=TrainConfig(max_epochs=3, progress=False, seed=5))
+        weights.append(torch.cat([p.flatten() for p in est.parameters()]))
+    assert torch.equal(weights[0], weights[1])
+
+
+def test_early_stopping_with_patience():
+    y, c = _data(300)
+    y = torch.randn_like(y)  # nothing to learn: validation loss stops improving quickly
+    est = build_estimator("nsf", 1, (1,), **SMALL)
+    history = fit(est, (y, c), config=TrainConfig(max_epochs=500, patience=3, progress=False))
+    assert history.stopped_early and len(history.val_loss) < 500
+    assert len(history.val_loss) - 1 - history.best_epoch <= 3
+
+
+def test_non_finite_rows_never_reach_the_loss():
+    y, c = _data(400)
+    y[::7] = math.nan
+    c[3] = math.inf
+    est = build_estimator("nsf", 1, (1,), **SMALL)
+    history = fit(est, (y, c), config=TrainConfig(max_epochs=2, progress=False))
+    assert all(math.isfinite(v) for v in history.train_loss + history.val_loss)
+    assert history.n_train + history.n_val == 400 - len(range(0, 400, 7)) - 1
+
+
+def test_fit_from_an_hdf5_file_uses_only_valid_rows(tmp_path):
+    prior = BoxUniform([0.0], [1.0])
+
+    def sim(theta, rng):
+        x = theta + 0.1 * rng.normal(size=theta.shape)
+        x[theta[:, 0] > 0.9] = np.nan
+        return x
+
+    summary = simulate_to_hdf5(as_simulator(sim, prior, name="t", observable_shape=(1,)), 800, tmp_path / "d.h5", seed=0, progress=False)
+    est = build_estimator("nsf", 1, (1,), **SMALL)
+    history = fit(est, tmp_path / "d.h5", config=TrainConfig(max_epochs=2, progress=False))
+    assert history.n_train + history.n_val == summary.n_valid < 800
+
+
+def test_bad_inputs():
+    y, c = _data(100)
+    est = build_estimator("nsf", 1, (1,), **SMALL)
+    with pytest.raises(ValueError, match="y has 100 rows but c has 50"):
+        fit(est, (y, c[:50]), config=TrainConfig(progress=False))
+    with pytest.raises(ValueError, match="val_fraction"):
+        TrainConfig(val_fraction=1.5)
+    with pytest.raises(ValueError, match="batch_size"):
+        TrainConfig(batch_size=0)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="no CUDA GPU"):
+            fit(est, (y, c), config=TrainConfig(device="cuda", progress=False))
