@@ -37,6 +37,7 @@ import shutil
 import tempfile
 import time
 import zipfile
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,7 +125,7 @@ class SimulationSummary:
         return "\n".join(lines)
 
 
-def _run_description(simulator: Any, prior: Any, n: int, seed: int, chunk_size: int) -> dict[str, Any]:
+def _run_description(simulator: Any, prior: Any, n: int, seed: int, chunk_size: int, compression: str | None) -> dict[str, Any]:
     config = simulator.config() if hasattr(simulator, "config") else {}
     return {
         "simulator": str(simulator.name),
@@ -135,6 +136,7 @@ def _run_description(simulator: Any, prior: Any, n: int, seed: int, chunk_size: 
         "n_simulations": int(n),
         "chunk_size": int(chunk_size),
         "n_chunks": -(-int(n) // int(chunk_size)),
+        "compression": compression or "none",
         "parameter_names": _json(list(simulator.parameter_names)),
         "parameter_units": _json(list(getattr(simulator, "parameter_units", None) or [""] * len(simulator.parameter_names))),
         "observable_names": _json(getattr(simulator, "observable_names", None)),
@@ -146,17 +148,57 @@ def _differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     return [key for key in _RUN_KEYS if a.get(key) != b.get(key)]
 
 
-def _save_shard(path: Path, chunk: dict[str, Any]) -> None:
-    arrays: dict[str, np.ndarray] = {
-        "theta": chunk["theta"],
-        "x": chunk["x"],
+# HDF5 chunks (the unit of compression) hold about this many bytes, and always tile a simulation
+# chunk exactly, so workers can compress them and the writer only copies bytes.
+_H5_CHUNK_BYTES = 1 << 20
+
+
+def _piece_rows(chunk_size: int, row_bytes: int) -> int:
+    """Rows per HDF5 chunk: a divisor of ``chunk_size`` giving chunks of about 1 MiB."""
+    pieces = max(1, -(-chunk_size * max(row_bytes, 1) // _H5_CHUNK_BYTES))
+    while chunk_size % pieces:
+        pieces += 1
+    return chunk_size // pieces
+
+
+def _encode(array: np.ndarray, rows: int, compression: str | None) -> tuple[np.ndarray, np.ndarray]:
+    """Split ``array`` into HDF5 chunks of ``rows`` rows (the last zero-padded) and run each
+    through the filters of the dataset (byte shuffle, then deflate) exactly as HDF5 would."""
+    n = len(array)
+    padded_rows = -(-n // rows) * rows
+    if padded_rows != n:
+        array = np.concatenate([array, np.zeros((padded_rows - n, *array.shape[1:]), dtype=array.dtype)])
+    array = np.ascontiguousarray(array)
+    pieces = []
+    for start in range(0, padded_rows, rows):
+        raw = array[start : start + rows]
+        if compression == "gzip":
+            shuffled = raw.view(np.uint8).reshape(-1, raw.dtype.itemsize).T.tobytes()
+            pieces.append(zlib.compress(shuffled, 1))
+        else:
+            pieces.append(raw.tobytes())
+    sizes = np.array([len(p) for p in pieces], dtype=np.int64)
+    return np.frombuffer(b"".join(pieces), dtype=np.uint8), sizes
+
+
+def _save_shard(path: Path, chunk: dict[str, Any], chunk_size: int, compression: str | None) -> None:
+    datasets = {"theta": chunk["theta"], "x": chunk["x"]}
+    for group in ("latents", "augmented"):
+        datasets.update({f"{group}/{key}": value for key, value in chunk[group].items()})
+    blobs, index = [], {}
+    for name, value in datasets.items():
+        rows = _piece_rows(chunk_size, value[0].nbytes if len(value) else value.itemsize)
+        blob, sizes = _encode(value, rows, compression)
+        blobs.append(blob)
+        index[name] = {"rows": rows, "shape": list(value.shape[1:]), "dtype": value.dtype.str, "sizes": sizes.tolist()}
+    # Few large arrays: reading many small .npy members costs more than the data.
+    arrays = {
         "valid": chunk["valid"],
-        "n_failed": np.asarray(chunk["n_failed"]),
+        "blob": np.concatenate(blobs),
+        "index": np.asarray(json.dumps(index)),
+        "counts": np.asarray([len(chunk["x"]), chunk["n_failed"]], dtype=np.int64),
         "first_error": np.asarray(chunk["first_error"]),
     }
-    for group in ("latents", "augmented"):
-        for key, value in chunk[group].items():
-            arrays[f"{group}.{key}"] = value
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as handle:
         np.savez(handle, **arrays)
@@ -165,36 +207,48 @@ def _save_shard(path: Path, chunk: dict[str, Any]) -> None:
 
 def _load_shard(path: Path) -> dict[str, Any]:
     with np.load(path, allow_pickle=False) as npz:
-        chunk: dict[str, Any] = {"latents": {}, "augmented": {}}
-        for key in npz.files:
-            if "." in key:
-                group, name = key.split(".", 1)
-                chunk[group][name] = npz[key]
-            else:
-                chunk[key] = npz[key]
-    chunk["n_failed"] = int(chunk["n_failed"])
-    chunk["first_error"] = str(chunk["first_error"])
-    return chunk
+        files = {key: npz[key] for key in npz.files}
+    index = json.loads(str(files["index"]))
+    blob, offset = files["blob"], 0
+    for meta in index.values():
+        total = sum(meta["sizes"])
+        meta["blob"] = blob[offset : offset + total]
+        offset += total
+    n_rows, n_failed = (int(v) for v in files["counts"])
+    return {
+        "valid": files["valid"],
+        "n_rows": n_rows,
+        "n_failed": n_failed,
+        "first_error": str(files["first_error"]),
+        "datasets": index,
+    }
 
 
 def _shard_ok(path: Path) -> bool:
     try:
         with zipfile.ZipFile(path) as archive:
-            return "x.npy" in archive.namelist() and archive.testzip() is None
+            return "valid.npy" in archive.namelist() and archive.testzip() is None
     except (zipfile.BadZipFile, OSError):
         return False
 
 
 def _simulate_chunk_to_shard(
-    simulator: Any, prior: Any, index: int, size: int, seed_sequence: np.random.SeedSequence, shard: Path
+    simulator: Any,
+    prior: Any,
+    chunk_size: int,
+    compression: str | None,
+    index: int,
+    size: int,
+    seed_sequence: np.random.SeedSequence,
+    shard: Path,
 ) -> dict[str, Any]:
     chunk = run_chunk(simulator, prior, size, seed_sequence)
-    _save_shard(shard, chunk)
-    return {"index": index, "n_failed": chunk["n_failed"], "first_error": chunk["first_error"]}
+    _save_shard(shard, chunk, chunk_size, compression)
+    return {"index": index}
 
 
 class _Assembler:
-    """Writes chunks into the temporary HDF5 file at their row offsets, in any order."""
+    """Copies encoded chunks into the temporary HDF5 file at their row offsets, in any order."""
 
     def __init__(self, path: Path, run: dict[str, Any], compression: str | None):
         self.path = path
@@ -206,36 +260,32 @@ class _Assembler:
         self.n_failed = 0
         self.first_errors: dict[int, str] = {}
 
-    def _create(self, chunk: dict[str, Any]) -> None:
+    def _create(self, shard: dict[str, Any]) -> None:
         n = self.run["n_simulations"]
-        items = [("theta", chunk["theta"]), ("x", chunk["x"])]
-        items += [(f"latents/{k}", v) for k, v in chunk["latents"].items()]
-        items += [(f"augmented/{k}", v) for k, v in chunk["augmented"].items()]
-        for name, value in items:
-            row_bytes = max(1, value[0].nbytes if len(value) else value.itemsize)
-            rows = int(max(1, min(self.run["chunk_size"], n, (1 << 20) // row_bytes)))
-            kwargs: dict[str, Any] = {"chunks": (rows, *value.shape[1:])}
-            if self.compression:
-                kwargs.update(compression=self.compression, shuffle=True)
-                if self.compression == "gzip":
-                    kwargs["compression_opts"] = 1
-            self.file.create_dataset(name, shape=(n, *value.shape[1:]), dtype=value.dtype, **kwargs)
+        for name, meta in shard["datasets"].items():
+            row_shape = tuple(int(s) for s in meta["shape"])
+            kwargs: dict[str, Any] = {"chunks": (int(meta["rows"]), *row_shape)}
+            if self.compression == "gzip":
+                kwargs.update(compression="gzip", compression_opts=1, shuffle=True)
+            self.file.create_dataset(name, shape=(n, *row_shape), dtype=np.dtype(str(meta["dtype"])), **kwargs)
         self.created = True
 
-    def write(self, index: int, chunk: dict[str, Any]) -> None:
+    def write(self, index: int, shard: dict[str, Any]) -> None:
         if not self.created:
-            self._create(chunk)
+            self._create(shard)
         start = index * self.run["chunk_size"]
-        stop = start + len(chunk["x"])
-        self.file["theta"][start:stop] = chunk["theta"]
-        self.file["x"][start:stop] = chunk["x"]
-        for group in ("latents", "augmented"):
-            for key, value in chunk[group].items():
-                self.file[f"{group}/{key}"][start:stop] = value
-        self.valid[start:stop] = chunk["valid"]
-        self.n_failed += chunk["n_failed"]
-        if chunk["first_error"]:
-            self.first_errors[index] = chunk["first_error"]
+        for name, meta in shard["datasets"].items():
+            dataset = self.file[name]
+            rows = int(meta["rows"])
+            blob, offset = meta["blob"], 0
+            zeros = (0,) * (dataset.ndim - 1)
+            for j, size in enumerate(meta["sizes"]):
+                dataset.id.write_direct_chunk((start + j * rows, *zeros), blob[offset : offset + size].tobytes())
+                offset += size
+        self.valid[start : start + shard["n_rows"]] = shard["valid"]
+        self.n_failed += shard["n_failed"]
+        if shard["first_error"]:
+            self.first_errors[index] = shard["first_error"]
 
     def finish(self) -> dict[str, Any]:
         n = self.run["n_simulations"]
@@ -296,7 +346,7 @@ def simulate_to_hdf5(
     workers: int = 1,
     prior: Any = None,
     overwrite: bool = False,
-    compression: str | None = "lzf",
+    compression: str | None = "gzip",
     progress: bool = True,
 ) -> SimulationSummary:
     """Simulate ``n`` (θ, x) pairs into an HDF5 training set, crash-safe and resumable.
@@ -312,7 +362,8 @@ def simulate_to_hdf5(
         workers: Local worker processes.
         prior: Distribution of θ; defaults to ``simulator.prior``.
         overwrite: Replace an existing file or unfinished run that differs from this one.
-        compression: ``"lzf"`` (fast, h5py), ``"gzip"`` (portable) or ``None``.
+        compression: ``"gzip"`` (deflate level 1 after byte shuffle, done by the workers in
+            parallel; any HDF5 reader decodes it) or ``None``.
         progress: Show a progress bar on stderr.
 
     Returns:
@@ -328,8 +379,8 @@ def simulate_to_hdf5(
         raise StoreError(f"the chunk size must be a positive integer, got {chunk_size!r}")
     if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers <= 0:
         raise StoreError(f"the number of workers must be a positive integer, got {workers!r}")
-    if compression not in (None, "lzf", "gzip"):
-        raise StoreError(f"compression must be 'lzf', 'gzip' or None, got {compression!r}")
+    if compression not in (None, "gzip"):
+        raise StoreError(f"compression must be 'gzip' or None, got {compression!r}")
     _check_writable(path)
     partial = _partial_dir(path)
     manifest_path = partial / _MANIFEST
@@ -342,7 +393,7 @@ def simulate_to_hdf5(
         seed = int(np.random.SeedSequence().entropy % (2**63))
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise StoreError(f"the seed must be a non-negative integer, got {seed!r}")
-    run = _run_description(simulator, prior, int(n), int(seed), int(chunk_size))
+    run = _run_description(simulator, prior, int(n), int(seed), int(chunk_size), compression)
 
     if path.exists():
         existing = None
@@ -373,6 +424,14 @@ def simulate_to_hdf5(
                     "rerun it with its own settings, or pass --overwrite (overwrite=True) to discard it"
                 )
             shutil.rmtree(partial)
+        elif previous.get("compression") != run["compression"] and not overwrite:
+            # Finished chunks are stored encoded: resuming must keep their encoding.
+            raise StoreError(
+                f"the unfinished run at {partial} was started with compression {previous.get('compression')}; "
+                f"rerun with --compression {previous.get('compression')}, or pass --overwrite to start again"
+            )
+        elif previous.get("compression") != run["compression"]:
+            shutil.rmtree(partial)
     partial.mkdir(exist_ok=True)
     if not manifest_path.exists():
         tmp = manifest_path.with_suffix(".tmp")
@@ -395,7 +454,7 @@ def simulate_to_hdf5(
             if done[i]:
                 assembler.write(i, _load_shard(shards[i]))
         # Workers inherit the simulator through fork: only chunk indices and seeds are pickled.
-        task = functools.partial(_simulate_chunk_to_shard, simulator, prior)
+        task = functools.partial(_simulate_chunk_to_shard, simulator, prior, int(chunk_size), compression)
         tasks = [(i, sizes[i], seeds[i], shards[i]) for i in todo]
         for _, info in run_tasks(task, tasks, workers=workers):
             i = info["index"]
