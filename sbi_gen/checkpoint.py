@@ -102,9 +102,9 @@ def load_model(path: str | os.PathLike[str], device: str = "cpu") -> NPE | NLE:
     device_ = resolve_device(device)
     try:
         state = torch.load(path / "weights.pt", map_location=device_, weights_only=True)
-    except pickle.UnpicklingError as error:
+    except pickle.UnpicklingError:
         raise CheckpointError(
-            f"{path / 'weights.pt'} holds more than plain tensors; refusing to unpickle it ({str(error).splitlines()[0][:120]})"
+            f"{path / 'weights.pt'} is corrupt or holds more than plain tensors; refusing to unpickle it"
         ) from None
     except (RuntimeError, OSError, EOFError, ValueError) as error:
         raise CheckpointError(f"{path / 'weights.pt'} is corrupt or not a weights file: {str(error).splitlines()[0]}") from None

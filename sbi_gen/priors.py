@@ -225,10 +225,10 @@ class Gaussian(Prior):
             if self.covariance.shape != (dim, dim):
                 raise ValueError(f"covariance must have shape ({dim}, {dim}), got {tuple(self.covariance.shape)}")
             self.diagonal = False
-        try:
-            self._mvn = MultivariateNormal(self.loc, covariance_matrix=self.covariance)
-        except ValueError as error:
-            raise ValueError("the covariance matrix is not symmetric positive definite") from error
+        symmetric = torch.allclose(self.covariance, self.covariance.T)
+        if not symmetric or torch.linalg.cholesky_ex(self.covariance).info != 0:
+            raise ValueError("the covariance matrix is not symmetric positive definite")
+        self._mvn = MultivariateNormal(self.loc, covariance_matrix=self.covariance)
         super().__init__(dim, names, units)
 
     @property

@@ -264,7 +264,8 @@ class _Assembler:
         n = self.run["n_simulations"]
         for name, meta in shard["datasets"].items():
             row_shape = tuple(int(s) for s in meta["shape"])
-            kwargs: dict[str, Any] = {"chunks": (int(meta["rows"]), *row_shape)}
+            # Unlimited first axis: an HDF5 chunk may then be longer than a small dataset.
+            kwargs: dict[str, Any] = {"chunks": (int(meta["rows"]), *row_shape), "maxshape": (None, *row_shape)}
             if self.compression == "gzip":
                 kwargs.update(compression="gzip", compression_opts=1, shuffle=True)
             self.file.create_dataset(name, shape=(n, *row_shape), dtype=np.dtype(str(meta["dtype"])), **kwargs)

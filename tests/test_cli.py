@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import h5py
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 
 from sbi_gen.store import read_info
+from tests.test_store import _wait_for_chunks
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -97,8 +97,7 @@ def test_kill_minus_9_of_the_cli_with_workers_then_resume(tmp_path):
     for _ in range(3):
         proc = subprocess.Popen([sys.executable, "-m", "sbi_gen.cli", *map(str, args)], cwd=ROOT, start_new_session=True,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(2.5, 5.0))
-        if proc.poll() is None:
+        if _wait_for_chunks(proc, tmp_path / "maps.h5.partial", int(rng.integers(1, 110))):
             os.killpg(proc.pid, signal.SIGKILL)
             kills += 1
         proc.wait()

@@ -22,7 +22,7 @@ SMALL = {
 NAMES = sorted(ESTIMATORS)
 MAP = (8, 8)
 CONDITIONS = {
-    "vector": {"c_shape": (3,), "embedding_kwargs": {"out_features": 8, "hidden": [16]}},
+    "vector": {"c_shape": (3,), "embedding": "mlp", "embedding_kwargs": {"out_features": 8, "hidden": [16]}},
     "map": {
         "c_shape": MAP,
         "embedding": "cnn",
@@ -238,7 +238,7 @@ def test_build_estimator_errors():
     with pytest.raises(ValueError, match="conditions must have shape"):
         est(torch.randn(4, 2))
     assert build_estimator("nsf", 2, (16, 16), transforms=1, hidden_features=[8]).embedding_name == "cnn"
-    assert est.embedding_name == "mlp"
+    assert est.embedding_name == "identity"
 
 
 def test_nsf_fits_a_conditional_gaussian():

@@ -147,7 +147,7 @@ def test_build_embedding(name, c_shape):
 
 
 def test_build_embedding_errors_and_defaults():
-    assert default_embedding((3,)) == "mlp"
+    assert default_embedding((3,)) == "identity"
     assert default_embedding((16, 16)) == "cnn"
     assert default_embedding((2, 16, 16)) == "cnn"
     with pytest.raises(ValueError, match="unknown embedding"):

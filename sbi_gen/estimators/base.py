@@ -29,6 +29,7 @@ Subclasses (one level of inheritance) set the class attribute ``name`` and imple
 from __future__ import annotations
 
 import abc
+import copy
 import math
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -273,18 +274,18 @@ class ConditionalEstimator(nn.Module, abc.ABC):
         self.c_shape = tuple(int(s) for s in c_shape)
         if self.y_dim < 1:
             raise ValueError(f"y_dim must be positive, got {y_dim}")
+        # Statistics of c: per feature for vectors, one global value for (H, W) maps and one
+        # per channel for (C, H, W) maps.
+        stats_shape = {1: self.c_shape, 2: (1, 1), 3: (*self.c_shape[:1], 1, 1)}.get(len(self.c_shape))
+        if stats_shape is None:
+            raise ValueError(f"conditions must be vectors (d,) or maps (H, W) / (C, H, W), got {self.c_shape}")
         self.embedding_name = default_embedding(self.c_shape) if embedding is None else str(embedding)
-        self.embedding_kwargs = dict(embedding_kwargs or {})
+        self.embedding_kwargs = copy.deepcopy(dict(embedding_kwargs or {}))
         self.embedding, self.context_features = build_embedding(
             self.embedding_name, self.c_shape, **self.embedding_kwargs
         )
-        self.y_prior = None if y_prior is None else dict(y_prior)
+        self.y_prior = None if y_prior is None else copy.deepcopy(dict(y_prior))
 
-        # Statistics of c: per feature for vectors, one global value for (H, W) maps and one
-        # per channel for (C, H, W) maps.
-        stats_shape = {1: self.c_shape, 2: (1, 1), 3: (self.c_shape[0], 1, 1)}.get(len(self.c_shape))
-        if stats_shape is None:
-            raise ValueError(f"conditions must be vectors (d,) or maps (H, W) / (C, H, W), got {self.c_shape}")
         self.register_buffer("c_mean", torch.zeros(stats_shape))
         self.register_buffer("c_std", torch.ones(stats_shape))
         self.register_buffer("y_mean", torch.zeros(self.y_dim))
@@ -333,8 +334,8 @@ class ConditionalEstimator(nn.Module, abc.ABC):
             "y_dim": self.y_dim,
             "c_shape": list(self.c_shape),
             "embedding": self.embedding_name,
-            "embedding_kwargs": dict(self.embedding_kwargs),
-            "y_prior": None if self.y_prior is None else dict(self.y_prior),
+            "embedding_kwargs": copy.deepcopy(self.embedding_kwargs),
+            "y_prior": copy.deepcopy(self.y_prior),
             **self.hyperparameters(),
         }
 
