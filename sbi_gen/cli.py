@@ -244,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=256)
     p.add_argument("--learning-rate", type=float, default=1e-3)
     p.add_argument("--max-epochs", type=_positive_int, default=1000)
-    p.add_argument("--patience", type=_positive_int, default=15)
+    p.add_argument("--patience", type=_positive_int, default=20)
     p.add_argument("--seed", type=_non_negative_int, default=0)
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
