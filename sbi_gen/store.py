@@ -161,24 +161,40 @@ def _piece_rows(chunk_size: int, row_bytes: int) -> int:
     return chunk_size // pieces
 
 
-def _encode(array: np.ndarray, rows: int, compression: str | None) -> tuple[np.ndarray, np.ndarray]:
+# Deflate is skipped for a chunk whose first 64 KiB do not shrink below this ratio: noise-like
+# data (e.g. maps with pixel noise) costs compression time and saves nothing.
+_SAMPLE_BYTES = 1 << 16
+_WORTH_COMPRESSING = 0.9
+_SKIP_ALL_FILTERS = 0b11  # HDF5 filter mask: bit i set = filter i (shuffle, deflate) not applied
+
+
+def _encode(array: np.ndarray, rows: int, compression: str | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Split ``array`` into HDF5 chunks of ``rows`` rows (the last zero-padded) and run each
-    through the filters of the dataset (byte shuffle, then deflate) exactly as HDF5 would."""
+    through the filters of the dataset (byte shuffle, then deflate) exactly as HDF5 would.
+
+    Returns the encoded bytes, each chunk's size and its HDF5 filter mask.
+    """
     n = len(array)
     padded_rows = -(-n // rows) * rows
     if padded_rows != n:
         array = np.concatenate([array, np.zeros((padded_rows - n, *array.shape[1:]), dtype=array.dtype)])
     array = np.ascontiguousarray(array)
-    pieces = []
+    pieces, masks = [], []
     for start in range(0, padded_rows, rows):
         raw = array[start : start + rows]
         if compression == "gzip":
             shuffled = raw.view(np.uint8).reshape(-1, raw.dtype.itemsize).T.tobytes()
-            pieces.append(zlib.compress(shuffled, 1))
+            sample = shuffled[:_SAMPLE_BYTES]
+            if len(zlib.compress(sample, 1)) < _WORTH_COMPRESSING * len(sample):
+                pieces.append(zlib.compress(shuffled, 1))
+                masks.append(0)
+                continue
+            masks.append(_SKIP_ALL_FILTERS)
         else:
-            pieces.append(raw.tobytes())
+            masks.append(0)
+        pieces.append(raw.tobytes())
     sizes = np.array([len(p) for p in pieces], dtype=np.int64)
-    return np.frombuffer(b"".join(pieces), dtype=np.uint8), sizes
+    return np.frombuffer(b"".join(pieces), dtype=np.uint8), sizes, np.array(masks, dtype=np.int64)
 
 
 def _save_shard(path: Path, chunk: dict[str, Any], chunk_size: int, compression: str | None) -> None:
@@ -188,9 +204,15 @@ def _save_shard(path: Path, chunk: dict[str, Any], chunk_size: int, compression:
     blobs, index = [], {}
     for name, value in datasets.items():
         rows = _piece_rows(chunk_size, value[0].nbytes if len(value) else value.itemsize)
-        blob, sizes = _encode(value, rows, compression)
+        blob, sizes, masks = _encode(value, rows, compression)
         blobs.append(blob)
-        index[name] = {"rows": rows, "shape": list(value.shape[1:]), "dtype": value.dtype.str, "sizes": sizes.tolist()}
+        index[name] = {
+            "rows": rows,
+            "shape": list(value.shape[1:]),
+            "dtype": value.dtype.str,
+            "sizes": sizes.tolist(),
+            "masks": masks.tolist(),
+        }
     # Few large arrays: reading many small .npy members costs more than the data.
     arrays = {
         "valid": chunk["valid"],
@@ -280,8 +302,9 @@ class _Assembler:
             rows = int(meta["rows"])
             blob, offset = meta["blob"], 0
             zeros = (0,) * (dataset.ndim - 1)
-            for j, size in enumerate(meta["sizes"]):
-                dataset.id.write_direct_chunk((start + j * rows, *zeros), blob[offset : offset + size].tobytes())
+            for j, (size, mask) in enumerate(zip(meta["sizes"], meta["masks"], strict=True)):
+                piece = blob[offset : offset + size].tobytes()
+                dataset.id.write_direct_chunk((start + j * rows, *zeros), piece, filter_mask=mask)
                 offset += size
         self.valid[start : start + shard["n_rows"]] = shard["valid"]
         self.n_failed += shard["n_failed"]
