@@ -314,7 +314,6 @@ class _Assembler:
     def finish(self) -> dict[str, Any]:
         n = self.run["n_simulations"]
         self.file.create_dataset("valid", data=self.valid, chunks=(min(n, 1 << 16),))
-        x = self.file["x"]
         n_valid = int(self.valid.sum())
         counts = {
             "n_valid": n_valid,
@@ -334,7 +333,6 @@ class _Assembler:
         attrs["complete"] = True
         shapes = {name: tuple(self.file[name].shape) for name in ("theta", "x")}
         shapes.update({f"latents/{k}": tuple(v.shape) for k, v in self.file.get("latents", {}).items()})
-        del x
         self.file.flush()
         self.file.close()
         with open(self.path, "rb+") as handle:
