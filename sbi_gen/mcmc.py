@@ -131,6 +131,13 @@ def _estimate_frame(states: Tensor) -> Tensor:
     return factor
 
 
+# Candidates evaluated per potential call: stepping-out positions per end in the first call,
+# and shrinkage proposals per round. A batched likelihood call costs about the same for a few
+# hundred rows as for one, so fewer, larger calls are much faster (NLE: ~3x on two_moons).
+_EXPAND_BATCH = 4
+_SHRINK_BATCH = 4
+
+
 def _slice_update(
     potential: Potential,
     x: Tensor,
@@ -143,49 +150,64 @@ def _slice_update(
 ) -> tuple[Tensor, Tensor]:
     """One slice-sampling update of every chain along ``direction (D,)`` (interval width 1).
 
-    Stepping-out with Neal's random split of ``max_expansions`` between the two ends keeps the
-    update reversible; shrinkage runs at most ``max_shrinks`` rounds, after which chains that
-    found no point stay where they are (counted in ``counter["shrink_failures"]``). Only chains
-    still expanding or shrinking are evaluated.
+    Stepping out (Neal 2003, with the random split of ``max_expansions`` between the two
+    ends, which keeps the update reversible) evaluates the first ``_EXPAND_BATCH`` positions
+    of both ends of every chain in one call and continues one position per call only for ends
+    still inside the slice; the interval is exactly the sequential one. Shrinkage draws
+    ``_SHRINK_BATCH`` uniform proposals per round in one call and takes the first inside the
+    slice (rejection sampling on the interval, as sequential proposals without shrinking);
+    if none is, the interval shrinks to the rejected proposals nearest the current state on
+    each side, which keeps the current state inside and the kernel reversible. At most
+    ``max_shrinks`` rounds; chains that found no point stay put (counted in
+    ``counter["shrink_failures"]``).
     """
-    n, dtype = x.shape[0], x.dtype
+    n, dim, dtype = x.shape[0], x.shape[1], x.dtype
     noise = torch.rand(3, n, dtype=dtype, generator=generator)
     log_y = logp + torch.log(noise[0])  # log of a uniform height under the density
     left = -noise[1]
-    right = left + 1.0
     budget_left = torch.floor(max_expansions * noise[2])
     budget_right = (max_expansions - 1) - budget_left
 
-    ends = torch.cat([x + left[:, None] * direction, x + right[:, None] * direction])
-    grow = (_evaluate(potential, ends, counter) > log_y.repeat(2)) & (torch.cat([budget_left, budget_right]) > 0)
-    grow_left, grow_right = grow[:n], grow[n:]
-    while bool(grow.any()):
-        left = left - grow_left.to(dtype)
-        right = right + grow_right.to(dtype)
-        budget_left = budget_left - grow_left.to(dtype)
-        budget_right = budget_right - grow_right.to(dtype)
-        # Evaluate only the ends that moved: rows i of (left ends, right ends) where grow[i].
-        idx = grow.nonzero().squeeze(1)
-        ends = torch.cat([left, right])[idx, None] * direction + x.repeat(2, 1)[idx]
-        still = _evaluate(potential, ends, counter) > log_y.repeat(2)[idx]
-        budgets = torch.cat([budget_left, budget_right])[idx]
-        grow = torch.zeros_like(grow).index_put_((idx,), still & (budgets > 0))
-        grow_left, grow_right = grow[:n], grow[n:]
+    # Both ends as one vector: offset along the direction, which way it grows, and its budget.
+    position = torch.cat([left, left + 1.0])
+    sign = torch.cat([-torch.ones(n, dtype=dtype), torch.ones(n, dtype=dtype)])
+    budget = torch.cat([budget_left, budget_right])
+    base, height = x.repeat(2, 1), log_y.repeat(2)
+    k = max(1, min(_EXPAND_BATCH, max_expansions))
+    offsets = position[None] + sign[None] * torch.arange(k, dtype=dtype)[:, None]  # (k, 2n)
+    f = _evaluate(potential, (base[None] + offsets[..., None] * direction).reshape(-1, dim), counter).reshape(k, 2 * n)
+    run = torch.cumprod((f > height[None]).to(dtype), dim=0).sum(0)  # leading positions above the slice
+    steps = torch.minimum(run, budget)
+    position, budget = position + sign * steps, budget - steps
+    pending = (run >= k) & (budget > 0)  # the end now sits on a position not evaluated yet
+    while bool(pending.any()):
+        idx = pending.nonzero().squeeze(1)
+        above = _evaluate(potential, base[idx] + position[idx, None] * direction, counter) > height[idx]
+        position[idx] = position[idx] + sign[idx] * above.to(dtype)
+        budget[idx] = budget[idx] - above.to(dtype)
+        pending = torch.zeros_like(pending).index_put_((idx,), above & (budget[idx] > 0))
+    left, right = position[:n], position[n:]
 
     x_new, logp_new = x.clone(), logp.clone()
     idx = torch.arange(n)
     for _ in range(max_shrinks):
-        t = left + (right - left) * torch.rand(idx.numel(), dtype=dtype, generator=generator)
-        points = x[idx] + t[:, None] * direction
-        f = _evaluate(potential, points, counter)
-        inside = f > log_y
-        x_new[idx[inside]], logp_new[idx[inside]] = points[inside], f[inside]
-        outside = ~inside
-        idx, t, left, right, log_y = idx[outside], t[outside], left[outside], right[outside], log_y[outside]
+        m = idx.numel()
+        t = left + (right - left) * torch.rand(_SHRINK_BATCH, m, dtype=dtype, generator=generator)  # (K, m)
+        points = x[idx][None] + t[..., None] * direction  # (K, m, D)
+        f = _evaluate(potential, points.reshape(-1, dim), counter).reshape(_SHRINK_BATCH, m)
+        inside = f > log_y[None]
+        found = inside.any(0)
+        first = inside.to(torch.int8).argmax(0)  # first proposal inside the slice
+        columns = torch.arange(m)
+        x_new[idx[found]] = points[first, columns][found]
+        logp_new[idx[found]] = f[first, columns][found]
+        # Chains with no proposal inside shrink to the nearest rejected proposal on each side.
+        lost = ~found
+        t, left, right, log_y, idx = t[:, lost], left[lost], right[lost], log_y[lost], idx[lost]
         if idx.numel() == 0:
             break
-        left = torch.where(t < 0, t, left)
-        right = torch.where(t >= 0, t, right)
+        left = torch.maximum(left, torch.where(t < 0, t, torch.full_like(t, -torch.inf)).amax(0))
+        right = torch.minimum(right, torch.where(t >= 0, t, torch.full_like(t, torch.inf)).amin(0))
     counter["shrink_failures"] = counter.get("shrink_failures", 0) + idx.numel()
     return x_new, logp_new
 

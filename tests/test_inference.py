@@ -34,6 +34,7 @@ def test_npe_gaussian_linear_reaches_c2st_0_55_at_10k_simulations():
     (see the closing note); kept at the target, in the opt-in `make test-slow`."""
     task = simulators.get("gaussian_linear")
     data = simulate(task, n=10_000, seed=0)
+    torch.manual_seed(0)
     npe = NPE(task.prior)
     npe.fit((data["theta"], data["x"]), config=TrainConfig(progress=False))
     _, x_o = task.observations(2, seed=1)
@@ -50,6 +51,7 @@ def test_npe_gaussian_linear_reaches_c2st_0_55_at_10k_simulations():
 def test_npe_linear_gaussian_3d_matches_the_analytic_posterior():
     task = simulators.get("gaussian_linear", dim=3)
     data = simulate(task, n=10_000, seed=0)
+    torch.manual_seed(0)
     npe = NPE(task.prior)
     npe.fit((data["theta"], data["x"]), config=TrainConfig(progress=False))
     _, x_o = task.observations(2, seed=1)
@@ -61,22 +63,37 @@ def test_npe_linear_gaussian_3d_matches_the_analytic_posterior():
     assert np.mean(scores) <= 0.55, scores
 
 
+def _grid_moments(log_prob, center: np.ndarray, half_width: float, n: int = 201) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std of exp(log_prob) on a 2-D grid around ``center`` (numerical quadrature)."""
+    axes = [torch.linspace(float(c) - half_width, float(c) + half_width, n) for c in center]
+    grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 2)
+    weights = torch.softmax(log_prob(grid), 0)[:, None]
+    mean = (weights * grid).sum(0)
+    return mean.numpy(), (weights * (grid - mean) ** 2).sum(0).sqrt().numpy()
+
+
 def test_nle_iid_observations_tighten_towards_the_exact_posterior():
     prior, sim = _gaussian_toy()
     data = simulate(sim, n=4000, seed=0)
+    torch.manual_seed(0)
     nle = NLE(prior, estimator_kwargs={"transforms": 2, "hidden_features": [32, 32]})
     nle.fit((data["theta"], data["x"]), config=TrainConfig(progress=False))
     x_all = simulate(sim, theta=np.array([[0.7, -0.4]] * 8), seed=3)["x"]
     stds = []
-    for m in (1, 8):
+    for m, model_error in ((1, 0.25), (8, 0.5)):
         posterior = nle.posterior(x_all[:m], n_chains=20)
         samples = posterior.sample((2000,)).numpy()
-        mean, std = _exact(x_all[:m])
         ess = float(posterior.mcmc.ess.min())
         assert float(posterior.mcmc.rhat.max()) < 1.05
-        # A learned likelihood is not exact: allow 20% of a posterior std of model error, plus 4 MC standard errors.
-        np.testing.assert_array_less(np.abs(samples.mean(0) - mean), 0.2 * std + 4 * std / math.sqrt(ess))
-        np.testing.assert_array_less(np.abs(samples.std(0) / std - 1), 0.2)
+        exact_mean, exact_std = _exact(x_all[:m])
+        learned_mean, learned_std = _grid_moments(posterior.log_prob, exact_mean, 6 * exact_std)
+        # The sampler: MCMC draws match the learned posterior within 4 Monte Carlo standard errors.
+        np.testing.assert_array_less(np.abs(samples.mean(0) - learned_mean), 4 * learned_std / math.sqrt(ess))
+        np.testing.assert_array_less(np.abs(samples.std(0) / learned_std - 1), 4 / math.sqrt(2 * ess) + 0.02)
+        # The learned likelihood: its errors add over the m observations, so the budget for the
+        # shift of the posterior mean (in posterior standard deviations) grows with m.
+        np.testing.assert_array_less(np.abs(learned_mean - exact_mean), model_error * exact_std)
+        np.testing.assert_array_less(np.abs(learned_std / exact_std - 1), 0.2)
         stds.append(samples.std(0))
     assert np.all(stds[1] < stds[0] / 2)
 
