@@ -226,7 +226,9 @@ class NPEPosterior(Distribution):
         self.prior = npe.prior
         self.x_obs = x_obs
         self._q = npe.estimator(x_obs[0])
-        self.acceptance: float | None = None
+        # With the prior's bijection inside the estimator (always, for NPE) no mass leaks out of
+        # the support; otherwise the share inside is estimated when first needed.
+        self.acceptance: float | None = 1.0 if npe.estimator.config().get("y_prior") else None
         super().__init__(batch_shape=torch.Size(), event_shape=torch.Size([self.prior.dim]), validate_args=False)
 
     @property
