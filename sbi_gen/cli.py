@@ -238,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=["npe", "nle"], default="npe")
     p.add_argument("--estimator", default="nsf", help="estimator name (nsf, maf, cnf, ...)")
     p.add_argument("--estimator-kwargs", default=None, help="estimator hyperparameters as a JSON object")
-    p.add_argument("--embedding", default=None, help="embedding of x for NPE (mlp, resmlp, cnn, identity)")
+    p.add_argument("--embedding", default=None, help="embedding of x for NPE: identity (default for vectors), mlp, resmlp, cnn (default for maps)")
     p.add_argument("--out", required=True, help="output model directory")
     p.add_argument("--batch-size", type=_positive_int, default=256)
     p.add_argument("--learning-rate", type=float, default=1e-3)

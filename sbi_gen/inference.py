@@ -122,9 +122,9 @@ class _Method(abc.ABC):
         if self.estimator is None or self.x_shape != x_shape:
             self.x_shape = x_shape
             self.estimator = self._build(self.prior.dim, x_shape)
+        # A given config decides the device (``"auto"`` included); without one, the model's device.
         config = config or TrainConfig(device=str(self.device))
-        if torch.device(config.device) != self.device and config.device != "auto":
-            self.device = resolve_device(config.device)
+        self.device = resolve_device(config.device)
         y, c = self._roles(theta, x)
         self.history = fit(self.estimator, (y, c), config=config)
         self.estimator.to(self.device)
@@ -165,11 +165,12 @@ class NPE(_Method):
 
     The estimator lives in the prior's unconstrained space (its bijection is part of the
     model), so posterior samples never leave the support; maps get a CNN embedding by default.
+    With ``config`` given to :meth:`fit`, its ``device`` is where training (and the model) goes.
 
     Arguments:
         prior: The prior (``None``: taken from the HDF5 file given to :meth:`fit`).
         estimator: Name in :data:`sbi_gen.estimators.ESTIMATORS`.
-        embedding: Embedding of x (``None``: MLP for vectors, CNN for maps).
+        embedding: Embedding of x (``None``: the z-scored vector itself, a CNN for maps).
         estimator_kwargs: Hyperparameters of the estimator.
         embedding_kwargs: Hyperparameters of the embedding.
         device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
@@ -281,7 +282,7 @@ class NLE(_Method):
     Arguments:
         prior: The prior (``None``: taken from the HDF5 file given to :meth:`fit`).
         estimator: Name in :data:`sbi_gen.estimators.ESTIMATORS`.
-        embedding: Embedding of θ (``None``: MLP).
+        embedding: Embedding of θ (``None``: the z-scored vector itself).
         estimator_kwargs: Hyperparameters of the estimator.
         embedding_kwargs: Hyperparameters of the embedding.
         device: ``"cpu"``, ``"cuda"`` or ``"auto"``.

@@ -64,7 +64,7 @@ def build_estimator(
         name: A key of :data:`ESTIMATORS` (``"nsf"`` is the default elsewhere).
         y_dim: Dimension of :math:`y`.
         c_shape: Shape of one condition: ``(d,)`` or ``(H, W)`` (or ``(C, H, W)``).
-        embedding: Name in :data:`sbi_gen.nn.EMBEDDINGS`; ``None``: ``"mlp"`` for vectors,
+        embedding: Name in :data:`sbi_gen.nn.EMBEDDINGS`; ``None``: ``"identity"`` for vectors,
             ``"cnn"`` for maps.
         embedding_kwargs: Keyword arguments of the embedding.
         y_prior: ``prior.to_dict()`` of a bounded prior of :math:`y`.

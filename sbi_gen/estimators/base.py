@@ -234,7 +234,7 @@ class ConditionalEstimator(nn.Module, abc.ABC):
     Arguments:
         y_dim: Dimension :math:`D` of :math:`y`.
         c_shape: Shape of one condition: ``(d,)`` for vectors, ``(H, W)`` (or ``(C, H, W)``) for maps.
-        embedding: Name in :data:`sbi_gen.nn.EMBEDDINGS`; ``None`` picks ``"mlp"`` for vectors,
+        embedding: Name in :data:`sbi_gen.nn.EMBEDDINGS`; ``None`` picks ``"identity"`` for vectors,
             ``"cnn"`` for maps.
         embedding_kwargs: Keyword arguments of the embedding (JSON values).
         y_prior: ``prior.to_dict()`` of the prior of :math:`y` (NPE with bounded priors): the
