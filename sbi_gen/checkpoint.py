@@ -25,7 +25,7 @@ import json
 import os
 import pickle
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -34,7 +34,10 @@ from sbi_gen.inference import NLE, NPE
 from sbi_gen.priors import prior_from_dict
 from sbi_gen.train import History, resolve_device
 
-__all__ = ["CheckpointError", "load_model", "save"]
+if TYPE_CHECKING:
+    from sbi_gen.emulator import MapEmulator
+
+__all__ = ["CheckpointError", "load_emulator", "load_model", "save", "save_emulator"]
 
 FORMAT = "sbi_gen.model"
 FORMAT_VERSION = 1
@@ -130,6 +133,78 @@ def load_model(path: str | os.PathLike[str], device: str = "cpu") -> NPE | NLE:
     if config.get("history"):
         model.history = History(**config["history"])
     return model
+
+
+EMULATOR_FORMAT = "sbi_gen.emulator"
+
+
+def save_emulator(emulator: MapEmulator, path: str | os.PathLike[str], history: History | None = None) -> Path:
+    """Write a :class:`~sbi_gen.emulator.MapEmulator` to the directory ``path``, as :func:`save` does a model.
+
+    ``config.json`` holds the format, the architecture (``emulator.config()``), its metadata and
+    the training history; ``weights.pt`` the state dict (standardization included).
+    """
+    from sbi_gen import __version__
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"cannot save to {path}: it is a file, a checkpoint is a directory")
+    path.mkdir(parents=True, exist_ok=True)
+    config = {
+        "format": EMULATOR_FORMAT,
+        "format_version": FORMAT_VERSION,
+        "package_version": __version__,
+        "emulator": emulator.config(),
+        "metadata": emulator.metadata,
+        "history": history.to_dict() if history is not None else None,
+    }
+    state = {k: v.detach().cpu() for k, v in emulator.state_dict().items()}
+    weights_tmp, config_tmp = path / "weights.pt.tmp", path / "config.json.tmp"
+    torch.save(state, weights_tmp)
+    config_tmp.write_text(json.dumps(config, indent=1, default=float))
+    os.replace(weights_tmp, path / "weights.pt")
+    os.replace(config_tmp, path / "config.json")
+    return path
+
+
+def load_emulator(path: str | os.PathLike[str], device: str = "cpu") -> MapEmulator:
+    """Load an emulator directory written by :func:`save_emulator` onto ``device`` (in eval mode).
+
+    The weights are read with ``torch.load(weights_only=True)``: nothing in the files is executed.
+    """
+    from sbi_gen.emulator import MapEmulator
+
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"no such emulator directory: {path}" if not path.exists() else f"{path} is not an emulator directory")
+    for name in ("config.json", "weights.pt"):
+        if not (path / name).exists():
+            raise CheckpointError(f"{path} is not a complete emulator checkpoint: {name} is missing")
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{path / 'config.json'} is not valid JSON: {error}") from None
+    if not isinstance(config, dict) or config.get("format") != EMULATOR_FORMAT:
+        raise CheckpointError(f"{path} is not an sbi_gen emulator (format is not {EMULATOR_FORMAT!r})")
+    if int(config.get("format_version", -1)) > FORMAT_VERSION:
+        raise CheckpointError(f"{path} was written by a newer sbi_gen (format {config['format_version']})")
+    device_ = resolve_device(device)
+    try:
+        state = torch.load(path / "weights.pt", map_location=device_, weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(
+            f"{path / 'weights.pt'} is corrupt or holds more than plain tensors; refusing to unpickle it"
+        ) from None
+    except (RuntimeError, OSError, EOFError, ValueError) as error:
+        raise CheckpointError(f"{path / 'weights.pt'} is corrupt or not a weights file: {str(error).splitlines()[0]}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path / 'weights.pt'} is not a state dict of tensors")
+    try:
+        emulator = MapEmulator(**config["emulator"], metadata=config.get("metadata"))
+        emulator.load_state_dict(state)
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        raise CheckpointError(f"{path}: the weights do not fit the configured emulator: {str(error).splitlines()[0]}") from None
+    return emulator.to(device_).eval()
 
 
 def describe(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -5,6 +5,7 @@ Every command prints errors as one line (``sbi-gen: error: ...``) and exits non-
 Example:
     $ sbi-gen simulators
     $ sbi-gen simulate particle --n 100000 --out data/particle.h5 --seed 1 --workers 2
+    $ sbi-gen simulate cosmology --n 100000 --out data/cosmology.h5 --seed 1 --scheduler tcp://host:8786
     $ sbi-gen info data/particle.h5
 """
 
@@ -54,6 +55,7 @@ def _cmd_simulate(args: argparse.Namespace) -> None:
     from sbi_gen.store import simulate_to_hdf5
 
     simulator = _simulator(args.simulator, args.config)
+    on_dask = args.scheduler is not None or args.dask_local is not None
     summary = simulate_to_hdf5(
         simulator,
         n=args.n,
@@ -64,6 +66,10 @@ def _cmd_simulate(args: argparse.Namespace) -> None:
         overwrite=args.overwrite,
         compression=None if args.compression == "none" else args.compression,
         progress=not args.quiet,
+        executor="dask" if on_dask else "local",
+        scheduler=args.scheduler,
+        dask_local_workers=args.dask_local,
+        connect_timeout=args.connect_timeout,
     )
     print(summary)
 
@@ -96,6 +102,7 @@ def _cmd_info(args: argparse.Namespace) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
+    from sbi_gen import distributed
     from sbi_gen.checkpoint import save
     from sbi_gen.estimators import ESTIMATORS
     from sbi_gen.inference import NLE, NPE
@@ -119,13 +126,23 @@ def _cmd_train(args: argparse.Namespace) -> None:
         seed=args.seed,
         device=args.device,
         progress=not args.quiet,
+        streaming={"auto": None, "on": True, "off": False}[args.streaming],
     )
-    print(f"training {args.method.upper()} ({args.estimator}) on {info['n_valid']:,} valid simulations of {info['simulator']}")
+    # Under torchrun every process trains its shard of the same model; rank 0 alone reports and saves.
+    distributed.init_from_env(args.device)
+    main = distributed.is_main_process()
+    world = distributed.process_info().world_size
+    if main:
+        print(f"training {args.method.upper()} ({args.estimator}) on {info['n_valid']:,} valid simulations of "
+              f"{info['simulator']}" + (f" with {world} processes" if world > 1 else ""))
     history = model.fit(args.data, config=config)
-    save(model, args.out)
-    print(f"best validation loss {history.best_val_loss:.4f} at epoch {history.best_epoch + 1} "
-          f"of {len(history.val_loss)} ({history.seconds:.1f} s)")
-    print(f"model saved to {args.out}")
+    if main:
+        save(model, args.out)
+        print(f"best validation loss {history.best_val_loss:.4f} at epoch {history.best_epoch + 1} "
+              f"of {len(history.val_loss)} ({history.seconds:.1f} s{', streamed from disk' if history.streaming else ''})")
+        print(f"model saved to {args.out}")
+    # Only after success: a failed process just exits, and torchrun stops the others.
+    distributed.shutdown()
 
 
 def _read_observation(path: str, index: int) -> Any:
@@ -176,6 +193,168 @@ def _cmd_sample(args: argparse.Namespace) -> None:
     print(f"{args.n:,} samples written to {args.out}")
 
 
+def _cmd_diagnose(args: argparse.Namespace) -> None:
+    from sbi_gen.checkpoint import load_model
+    from sbi_gen.report import diagnose
+    from sbi_gen.store import load
+
+    model = load_model(args.model, device=args.device)
+    data = load(args.data, valid_only=True)
+    if tuple(data.x.shape[1:]) != tuple(model.x_shape or ()):
+        raise CLIError(f"{args.data} holds x of shape {tuple(data.x.shape[1:])} but the model expects {tuple(model.x_shape or ())}")
+    if data.theta.shape[1] != model.prior.dim:
+        raise CLIError(f"{args.data} has {data.theta.shape[1]} parameters but the model has {model.prior.dim}")
+    # NLE samples each observation by its own MCMC run: seconds per observation.
+    n_sims = args.n_sims or (1000 if model.method == "npe" else 100)
+    n_samples = args.n_samples or (1000 if model.method == "npe" else 500)
+    n_sims = min(n_sims, len(data))
+    if n_sims < 10:
+        raise CLIError(f"{args.data} has only {len(data)} valid simulations; diagnostics need at least 10")
+    print(f"diagnosing {model.method.upper()} ({model.estimator_name}) on {n_sims:,} held-out simulations "
+          f"of {args.data}, {n_samples:,} posterior draws each")
+    report = diagnose(
+        model,
+        data.theta[:n_sims],
+        data.x[:n_sims],
+        args.out,
+        n_samples=n_samples,
+        seed=args.seed,
+        ppc_draws=args.ppc_draws,
+        n_c2st=args.c2st,
+    )
+    print(f"{'calibrated' if report['calibrated'] else 'NOT calibrated'}; report and figures in {args.out}: "
+          + ", ".join(["report.json", *(f"{name}.png" for name in report["figures"])]))
+
+
+def _cmd_plot(args: argparse.Namespace) -> None:
+    import h5py
+    import numpy as np
+
+    from sbi_gen.plots import corner, save_figure
+
+    sets, labels, truth = {}, None, None
+    for i, path in enumerate(args.samples):
+        try:
+            with h5py.File(path, "r") as f:
+                if f.attrs.get("format") != "sbi_gen.samples" or "samples" not in f:
+                    raise CLIError(f"{path} is not a samples file written by `sbi-gen sample`")
+                values = f["samples"][()]
+                file_labels = json.loads(f.attrs.get("parameter_labels", "null"))
+                file_truth = f["theta_true"][()] if "theta_true" in f else None
+                method = str(f.attrs.get("method", "posterior")).upper()
+        except OSError as error:
+            raise CLIError(f"cannot read {path}: {str(error).splitlines()[0]}") from None
+        name = args.label[i] if args.label and i < len(args.label) else f"{method} ({path})"
+        sets[name] = values
+        labels = labels or file_labels
+        truth = truth if truth is not None else file_truth
+    if args.truth is not None:
+        try:
+            truth = np.array([float(v) for v in args.truth.split(",")])
+        except ValueError:
+            raise CLIError(f"--truth must be comma-separated numbers, got {args.truth!r}") from None
+    fig = corner(sets, labels=labels, truth=truth, title=args.title)
+    print(f"corner plot written to {save_figure(fig, args.out)}")
+
+
+def _cmd_train_emulator(args: argparse.Namespace) -> None:
+    from sbi_gen.checkpoint import save_emulator
+    from sbi_gen.emulator import train_emulator
+    from sbi_gen.store import read_info
+    from sbi_gen.train import TrainConfig
+
+    try:
+        hyperparameters = json.loads(args.hyperparameters) if args.hyperparameters else {}
+    except json.JSONDecodeError as error:
+        raise CLIError(f"--hyperparameters is not valid JSON: {error.msg}") from None
+    if not isinstance(hyperparameters, dict):
+        raise CLIError("--hyperparameters must be a JSON object, e.g. '{\"channels\": [16, 32]}'")
+    info = read_info(args.data)
+    config = TrainConfig(
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        max_epochs=args.max_epochs,
+        patience=args.patience,
+        seed=args.seed,
+        device=args.device,
+        progress=not args.quiet,
+    )
+    print(f"training a {args.family} emulator on {info['n_valid']:,} valid maps of {info['simulator']}")
+    try:
+        emulator, history = train_emulator(args.data, args.family, hyperparameters, config=config)
+    except TypeError as error:
+        raise CLIError(str(error)) from None
+    save_emulator(emulator, args.out, history)
+    print(f"best validation loss {history.best_val_loss:.4f} at epoch {history.best_epoch + 1} "
+          f"of {len(history.val_loss)} ({history.seconds:.1f} s)")
+    print(f"emulator saved to {args.out}")
+
+
+def _cmd_emulate(args: argparse.Namespace) -> None:
+    import h5py
+    import numpy as np
+    import torch
+
+    from sbi_gen.checkpoint import load_emulator
+
+    emulator = load_emulator(args.model, device=args.device)
+    try:
+        theta = np.array([float(v) for v in args.theta.split(",")])
+    except ValueError:
+        raise CLIError(f"--theta must be comma-separated numbers, got {args.theta!r}") from None
+    names = emulator.metadata.get("parameter_names") or [f"theta_{i}" for i in range(emulator.theta_dim)]
+    if len(theta) != emulator.theta_dim:
+        raise CLIError(f"--theta has {len(theta)} values but the emulator takes {emulator.theta_dim} ({', '.join(names)})")
+    if not np.isfinite(theta).all():
+        raise CLIError("--theta contains NaN or infinite values")
+    if emulator.metadata.get("prior"):
+        from sbi_gen.priors import prior_from_dict
+
+        prior = prior_from_dict(emulator.metadata["prior"])
+        if not torch.isfinite(prior.log_prob(torch.as_tensor(theta, dtype=torch.float32))):
+            raise CLIError(f"--theta {args.theta} lies outside the prior the emulator was trained on: {prior}")
+    maps = emulator.sample(torch.as_tensor(theta, dtype=torch.float32), args.n, seed=args.seed).cpu().numpy()
+    with h5py.File(args.out, "w") as f:
+        f.create_dataset("maps", data=maps.astype(np.float32), compression="gzip", compression_opts=1)
+        f.create_dataset("theta", data=theta)
+        f.attrs["format"] = "sbi_gen.emulated_maps"
+        f.attrs["format_version"] = 1
+        f.attrs["model"] = str(args.model)
+        f.attrs["family"] = emulator.family
+        f.attrs["seed"] = args.seed
+        f.attrs["parameter_names"] = json.dumps(list(names))
+        f.attrs["simulator"] = str(emulator.metadata.get("simulator"))
+    print(f"{args.n:,} emulated maps of shape {tuple(maps.shape[1:])} at "
+          f"{', '.join(f'{k} = {v:g}' for k, v in zip(names, theta))} written to {args.out}")
+    if args.figure:
+        _emulation_figure(emulator, theta, maps, names, args)
+
+
+def _emulation_figure(emulator: Any, theta: Any, maps: Any, names: Sequence[str], args: argparse.Namespace) -> None:
+    """Simulate maps at the same θ with the emulator's simulator and save the side-by-side figure."""
+    import numpy as np
+
+    from sbi_gen.emulator import compare_power_spectra, plot_emulated_maps
+
+    name = emulator.metadata.get("simulator")
+    if not name:
+        raise CLIError(f"{args.model} does not record its simulator, so --figure has nothing to compare with")
+    config = emulator.metadata.get("simulator_config") or "{}"
+    simulator = _simulator(name, config if isinstance(config, str) else json.dumps(config))
+    simulated = simulator.simulate(np.tile(theta, (args.n, 1)), np.random.default_rng(args.seed))["x"]
+    spectra = None
+    if hasattr(simulator, "summary") and args.n >= 2:
+        bins = 8
+        spectra = compare_power_spectra(
+            simulated, maps, lambda m: simulator.summary(m, n_bins=bins), ell=getattr(simulator, "bin_centers", lambda b: None)(bins)
+        )
+        print("power spectrum ratio emulated/simulated per bin: "
+              + " ".join(f"{r:.3f}±{e:.3f}" for r, e in zip(spectra.ratio, spectra.ratio_error)))
+    fig = plot_emulated_maps(simulated, maps, theta, parameter_names=names, spectra=spectra)
+    fig.savefig(args.figure, dpi=120)
+    print(f"figure written to {args.figure}")
+
+
 def posterior_summary(samples: Any, names: Sequence[str], theta_true: Any = None) -> str:
     """Posterior mean and central 68% interval per parameter, with the true value if known."""
     import numpy as np
@@ -213,6 +392,16 @@ _positive_int = _integer_at_least(1, "positive")
 _non_negative_int = _integer_at_least(0, "non-negative")
 
 
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sbi-gen", description="Simulation-based inference with deep generative models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -231,6 +420,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compression", choices=["gzip", "none"], default="gzip", help="gzip (default, done by the workers) or none")
     p.add_argument("--overwrite", action="store_true", help="replace a different existing file or unfinished run")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    cluster = p.add_mutually_exclusive_group()
+    cluster.add_argument("--scheduler", metavar="ADDRESS", default=None,
+                         help="simulate on the Dask cluster whose scheduler is at ADDRESS, e.g. tcp://host:8786 (needs sbi_gen[dask])")
+    cluster.add_argument("--dask-local", metavar="N", type=_positive_int, default=None,
+                         help="simulate on a Dask cluster of N single-threaded worker processes started on this machine")
+    p.add_argument("--connect-timeout", metavar="SECONDS", type=_positive_seconds, default=10.0,
+                   help="how long to wait for the --scheduler to answer (default 10)")
     p.set_defaults(func=_cmd_simulate)
 
     p = sub.add_parser("train", help="train NPE or NLE on an HDF5 training set and save the model")
@@ -246,6 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patience", type=_positive_int, default=20)
     p.add_argument("--seed", type=_non_negative_int, default=0)
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    p.add_argument("--streaming", choices=["auto", "on", "off"], default="auto",
+                   help="stream the file from disk instead of loading it (auto: when it would fill a quarter of the free memory)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
 
@@ -257,6 +455,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output HDF5 file of samples")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_cmd_sample)
+
+    p = sub.add_parser("diagnose", help="calibration report of a trained model on held-out simulations (JSON + PNG)")
+    p.add_argument("model", help="model directory from `sbi-gen train`")
+    p.add_argument("data", help="HDF5 file of held-out simulations (simulated with another seed than the training set)")
+    p.add_argument("--out", required=True, help="report directory (report.json and PNG figures)")
+    p.add_argument("--n-sims", type=_positive_int, default=None, help="held-out simulations used (default 1000 for NPE, 100 for NLE)")
+    p.add_argument("--n-samples", type=_positive_int, default=None, help="posterior draws per simulation (default 1000 for NPE, 500 for NLE)")
+    p.add_argument("--ppc-draws", type=_non_negative_int, default=500, help="posterior draws simulated in the predictive check (0: skip)")
+    p.add_argument("--c2st", type=_non_negative_int, default=0, help="observations compared by C2ST with the simulator's reference posterior")
+    p.add_argument("--seed", type=_non_negative_int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_cmd_diagnose)
+
+    p = sub.add_parser("plot", help="corner plot of posterior samples from `sbi-gen sample` (several files overlay)")
+    p.add_argument("samples", nargs="+", help="samples files (HDF5) from `sbi-gen sample`")
+    p.add_argument("--out", required=True, help="output image (.png, .pdf, .svg)")
+    p.add_argument("--truth", default=None, help="true parameters, comma-separated (default: theta_true of the file, if any)")
+    p.add_argument("--label", action="append", default=None, help="legend label of each samples file, in order (repeatable)")
+    p.add_argument("--title", default=None)
+    p.set_defaults(func=_cmd_plot)
+
+    p = sub.add_parser("train-emulator", help="train a learned emulator of a map simulator on an HDF5 training set")
+    p.add_argument("data", help="HDF5 training set of maps from `sbi-gen simulate`")
+    p.add_argument("--family", choices=["diffusion", "vae"], default="diffusion", help="generative model (default diffusion)")
+    p.add_argument("--hyperparameters", default=None, help="hyperparameters of the family as a JSON object")
+    p.add_argument("--out", required=True, help="output emulator directory")
+    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--learning-rate", type=float, default=1e-3)
+    p.add_argument("--max-epochs", type=_positive_int, default=200)
+    p.add_argument("--patience", type=_positive_int, default=20)
+    p.add_argument("--seed", type=_non_negative_int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_train_emulator)
+
+    p = sub.add_parser("emulate", help="generate maps at given parameters with a trained emulator")
+    p.add_argument("model", help="emulator directory from `sbi-gen train-emulator`")
+    p.add_argument("--theta", required=True, help="parameters, comma-separated (use --theta=-1,... when the first is negative)")
+    p.add_argument("--n", type=_positive_int, default=16, help="number of maps (default 16)")
+    p.add_argument("--out", required=True, help="output HDF5 file (datasets maps and theta)")
+    p.add_argument("--seed", type=_non_negative_int, default=0)
+    p.add_argument("--figure", default=None, help="also simulate maps at theta and save a side-by-side figure with power spectra (PNG)")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_cmd_emulate)
 
     p = sub.add_parser("info", help="show a training set's metadata, counts and shapes")
     p.add_argument("path")

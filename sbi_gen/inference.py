@@ -33,7 +33,7 @@ from torch.distributions import Distribution
 from sbi_gen.estimators import DEFAULT_ESTIMATOR, ESTIMATORS, ConditionalEstimator, build_estimator
 from sbi_gen.mcmc import MCMCResult, run_mcmc
 from sbi_gen.priors import Prior, prior_from_dict
-from sbi_gen.store import TrainingSet, load
+from sbi_gen.store import TrainingSet, load, read_info
 from sbi_gen.train import History, TrainConfig, fit, resolve_device
 
 __all__ = ["NLE", "NPE", "NLEPosterior", "NPEPosterior"]
@@ -60,6 +60,8 @@ class _Method(abc.ABC):
     """What NPE and NLE share: the prior, the estimator, fitting and bookkeeping."""
 
     method: str = ""
+    # The datasets of a training-set file that play the estimator's y and c (as ``_roles``).
+    _file_roles: tuple[str, str] = ("theta", "x")
 
     def __init__(
         self,
@@ -97,11 +99,19 @@ class _Method(abc.ABC):
     def fit(self, data: Any, *, config: TrainConfig | None = None) -> History:
         """Train on ``data``: an HDF5 training set path, a :class:`~sbi_gen.store.TrainingSet` or
         a ``(theta, x)`` pair. Only valid rows of a file are used. Returns the training history."""
-        theta, x, info = _as_training_data(data)
-        if theta.ndim != 2:
-            raise ValueError(f"theta must have shape (n, D), got {tuple(theta.shape)}")
-        if len(theta) != len(x):
-            raise ValueError(f"theta has {len(theta)} rows but x has {len(x)}")
+        if isinstance(data, (str, os.PathLike)):
+            # ``fit`` reads the file itself: loaded, or streamed when large (TrainConfig.streaming).
+            info = read_info(data)
+            theta_shape, x_shape_full = tuple(info["shapes"]["theta"]), tuple(info["shapes"]["x"])
+            training_data: Any = data
+        else:
+            theta, x, info = _as_training_data(data)
+            theta_shape, x_shape_full = tuple(theta.shape), tuple(x.shape)
+            training_data = self._roles(theta, x)
+        if len(theta_shape) != 2:
+            raise ValueError(f"theta must have shape (n, D), got {theta_shape}")
+        if theta_shape[0] != x_shape_full[0]:
+            raise ValueError(f"theta has {theta_shape[0]} rows but x has {x_shape_full[0]}")
         if info:
             file_prior = prior_from_dict(info["prior_decoded"])
             if self.prior is None:
@@ -116,17 +126,17 @@ class _Method(abc.ABC):
             }
         if self.prior is None:
             raise ValueError("no prior: pass prior= or train from an HDF5 training set, which records its prior")
-        if theta.shape[1] != self.prior.dim:
-            raise ValueError(f"theta has {theta.shape[1]} parameters but the prior has {self.prior.dim}")
-        x_shape = tuple(x.shape[1:])
+        if theta_shape[1] != self.prior.dim:
+            raise ValueError(f"theta has {theta_shape[1]} parameters but the prior has {self.prior.dim}")
+        x_shape = x_shape_full[1:]
         if self.estimator is None or self.x_shape != x_shape:
             self.x_shape = x_shape
             self.estimator = self._build(self.prior.dim, x_shape)
         # A given config decides the device (``"auto"`` included); without one, the model's device.
         config = config or TrainConfig(device=str(self.device))
         self.device = resolve_device(config.device)
-        y, c = self._roles(theta, x)
-        self.history = fit(self.estimator, (y, c), config=config)
+        y_key, c_key = self._file_roles
+        self.history = fit(self.estimator, training_data, config=config, y_key=y_key, c_key=c_key)
         self.estimator.to(self.device)
         return self.history
 
@@ -289,6 +299,7 @@ class NLE(_Method):
     """
 
     method = "nle"
+    _file_roles = ("x", "theta")
 
     def _roles(self, theta: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
         return x, theta

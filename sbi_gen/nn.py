@@ -1,4 +1,4 @@
-r"""Neural-network building blocks: MLPs, a CNN for periodic maps, a time embedding.
+r"""Neural-network building blocks: MLPs, a CNN and a U-Net for periodic maps, a time embedding.
 
 Every module maps a tensor with arbitrary leading batch dimensions, ``(*, ...)``, and
 creates no tensor outside the device of its input or its own parameters and buffers,
@@ -36,6 +36,7 @@ __all__ = [
     "Flatten",
     "ResidualMLP",
     "TimeEmbedding",
+    "UNet",
     "build_embedding",
     "default_embedding",
 ]
@@ -393,3 +394,127 @@ def build_embedding(name: str, c_shape: Sequence[int], **kwargs: Any) -> tuple[n
         return EMBEDDINGS[name](c_shape, **kwargs)
     except TypeError as error:
         raise TypeError(f"bad arguments {sorted(kwargs)} for embedding {name!r}: {error}") from None
+
+
+def _groups(channels: int) -> int:
+    """Groups of a GroupNorm over ``channels``: the largest of 8, 4, 2, 1 that divides them."""
+    return next(g for g in (8, 4, 2, 1) if channels % g == 0)
+
+
+class _FiLMBlock(nn.Module):
+    """Residual block ``x + conv(act(FiLM(norm(conv(act(norm(x)))))))`` with circular 3x3 convolutions.
+
+    FiLM: the normalized features are scaled by ``1 + γ(e)`` and shifted by ``β(e)``, per channel,
+    from the conditioning embedding ``e``.
+    """
+
+    def __init__(self, c_in: int, c_out: int, embedding: int, activation: Callable[[], nn.Module]):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(_groups(c_in), c_in)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1, padding_mode="circular")
+        self.norm2 = nn.GroupNorm(_groups(c_out), c_out)
+        self.film = nn.Linear(embedding, 2 * c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, padding_mode="circular")
+        self.act = activation()
+        self.skip = nn.Identity() if c_in == c_out else nn.Conv2d(c_in, c_out, 1)
+
+    def forward(self, x: Tensor, e: Tensor) -> Tensor:
+        h = self.conv1(self.act(self.norm1(x)))
+        scale, shift = self.film(e)[:, :, None, None].chunk(2, dim=1)
+        h = self.conv2(self.act(self.norm2(h) * (1 + scale) + shift))
+        return self.skip(x) + h
+
+
+class UNet(nn.Module):
+    r"""Small U-Net for periodic maps, conditioned on a vector by FiLM (feature-wise scale and shift).
+
+    Levels of residual blocks (GroupNorm, activation, 3 x 3 convolution with circular padding,
+    as :class:`CNN`: the maps are periodic), halving the resolution between levels by 2 x 2
+    average pooling and doubling it back by nearest-neighbour upsampling, with skip
+    connections between levels of equal resolution. The conditioning vector (e.g. a time
+    embedding and parameters :math:`\theta`) goes through an MLP to an embedding that scales
+    and shifts the features of every block. Pooling, upsampling and circular convolutions all
+    commute with circular shifts by multiples of :math:`2^{L-1}` pixels, so the network is
+    equivariant to those shifts.
+
+    Arguments:
+        in_channels: Channels of the input map.
+        out_channels: Channels of the output map.
+        channels: Channels of the levels, from full resolution down; ``H`` and ``W`` must be
+            divisible by ``2 ** (len(channels) - 1)``.
+        cond_features: Size of the conditioning vector (0: unconditional).
+        embedding: Size of the conditioning embedding.
+        blocks: Residual blocks per level on the way down (and up).
+        activation: Activation name (a key of :data:`ACTIVATIONS`) or constructor.
+
+    Shapes:
+        ``x (*, C_in, H, W)`` and ``cond (*, F)`` → ``(*, C_out, H, W)``.
+
+    Example:
+        >>> net = UNet(1, 1, channels=(8, 16), cond_features=3, embedding=16)
+        >>> x, cond = torch.randn(4, 1, 16, 16), torch.randn(4, 3)
+        >>> net(x, cond).shape
+        torch.Size([4, 1, 16, 16])
+        >>> shifted = torch.roll(x, shifts=(2, -4), dims=(-2, -1))
+        >>> torch.allclose(net(shifted, cond), torch.roll(net(x, cond), shifts=(2, -4), dims=(-2, -1)), atol=1e-5)
+        True
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        out_channels: int = 1,
+        channels: Sequence[int] = (32, 64, 64),
+        cond_features: int = 0,
+        embedding: int = 64,
+        blocks: int = 1,
+        activation: Activation = "silu",
+    ):
+        super().__init__()
+        channels = [int(c) for c in channels]
+        if not channels or min(channels) < 1 or int(blocks) < 1:
+            raise ValueError(f"the U-Net needs at least one level and block, got channels={channels}, blocks={blocks}")
+        act = _activation(activation)
+        self.in_channels, self.out_channels = int(in_channels), int(out_channels)
+        self.cond_features, self.levels = int(cond_features), len(channels)
+        self.cond = MLP(max(self.cond_features, 1), int(embedding), hidden=(int(embedding),), activation=activation)
+        self.stem = nn.Conv2d(self.in_channels, channels[0], 3, padding=1, padding_mode="circular")
+        self.down = nn.ModuleList()
+        current = channels[0]
+        for c in channels:
+            self.down.append(nn.ModuleList(_FiLMBlock(current if i == 0 else c, c, int(embedding), act) for i in range(int(blocks))))
+            current = c
+        self.middle = _FiLMBlock(current, current, int(embedding), act)
+        self.up = nn.ModuleList()
+        for c in reversed(channels):
+            self.up.append(
+                nn.ModuleList(_FiLMBlock((current + c) if i == 0 else c, c, int(embedding), act) for i in range(int(blocks)))
+            )
+            current = c
+        self.head = nn.Sequential(nn.GroupNorm(_groups(current), current), act(), nn.Conv2d(current, self.out_channels, 3, padding=1, padding_mode="circular"))
+
+    def forward(self, x: Tensor, cond: Tensor | None = None) -> Tensor:
+        batch, (height, width) = x.shape[:-3], x.shape[-2:]
+        factor = 2 ** (self.levels - 1)
+        if height % factor or width % factor:
+            raise ValueError(f"the U-Net's {self.levels} levels need map sides divisible by {factor}, got {height} x {width}")
+        x = x.reshape(-1, *x.shape[-3:])
+        if cond is None or self.cond_features == 0:
+            cond = x.new_zeros(x.shape[0], max(self.cond_features, 1))
+        e = self.cond(cond.reshape(-1, cond.shape[-1]).to(x.dtype))
+        h = self.stem(x)
+        skips = []
+        for i, level in enumerate(self.down):
+            for block in level:
+                h = block(h, e)
+            skips.append(h)
+            if i < self.levels - 1:
+                h = nn.functional.avg_pool2d(h, 2)
+        h = self.middle(h, e)
+        for i, level in zip(reversed(range(self.levels)), self.up):
+            h = torch.cat([h, skips[i]], dim=1)
+            for block in level:
+                h = block(h, e)
+            if i > 0:
+                h = nn.functional.interpolate(h, scale_factor=2, mode="nearest")
+        return self.head(h).reshape(*batch, self.out_channels, height, width)

@@ -16,7 +16,8 @@ How a run survives a crash: chunk ``i`` (rows ``i*chunk_size`` onwards) is simul
 is assembled in a temporary file and renamed to ``PATH`` only when every chunk is in; ``PATH``
 therefore never exists unfinished. Running the same command again after a kill simulates only
 the missing chunks, and the result is identical, dataset by dataset, to an uninterrupted run
-with any number of workers.
+with any number of workers, local or on a Dask cluster (``executor="dask"``, see
+:mod:`sbi_gen.dask_executor`).
 
 Example:
     >>> import tempfile, simulators
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
 import json
 import os
 import shutil
@@ -38,7 +40,7 @@ import tempfile
 import time
 import zipfile
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -197,7 +199,8 @@ def _encode(array: np.ndarray, rows: int, compression: str | None) -> tuple[np.n
     return np.frombuffer(b"".join(pieces), dtype=np.uint8), sizes, np.array(masks, dtype=np.int64)
 
 
-def _save_shard(path: Path, chunk: dict[str, Any], chunk_size: int, compression: str | None) -> None:
+def _encode_shard(chunk: dict[str, Any], chunk_size: int, compression: str | None) -> bytes:
+    """A simulated chunk as the bytes of its shard file: HDF5 chunks already encoded, plus counts."""
     datasets = {"theta": chunk["theta"], "x": chunk["x"]}
     for group in ("latents", "augmented"):
         datasets.update({f"{group}/{key}": value for key, value in chunk[group].items()})
@@ -221,14 +224,20 @@ def _save_shard(path: Path, chunk: dict[str, Any], chunk_size: int, compression:
         "counts": np.asarray([len(chunk["x"]), chunk["n_failed"]], dtype=np.int64),
         "first_error": np.asarray(chunk["first_error"]),
     }
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def _write_shard(path: Path, data: bytes) -> None:
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as handle:
-        np.savez(handle, **arrays)
+        handle.write(data)
     os.replace(tmp, path)  # atomic: a shard is either complete or absent
 
 
-def _load_shard(path: Path) -> dict[str, Any]:
-    with np.load(path, allow_pickle=False) as npz:
+def _load_shard(source: Path | io.BytesIO) -> dict[str, Any]:
+    with np.load(source, allow_pickle=False) as npz:
         files = {key: npz[key] for key in npz.files}
     index = json.loads(str(files["index"]))
     blob, offset = files["blob"], 0
@@ -265,8 +274,20 @@ def _simulate_chunk_to_shard(
     shard: Path,
 ) -> dict[str, Any]:
     chunk = run_chunk(simulator, prior, size, seed_sequence)
-    _save_shard(shard, chunk, chunk_size, compression)
+    _write_shard(shard, _encode_shard(chunk, chunk_size, compression))
     return {"index": index}
+
+
+def _simulate_chunk_to_bytes(
+    simulator: Any,
+    prior: Any,
+    chunk_size: int,
+    compression: str | None,
+    size: int,
+    seed_sequence: np.random.SeedSequence,
+) -> bytes:
+    # A pure function of its arguments: Dask may run it twice (a lost worker) with the same result.
+    return _encode_shard(run_chunk(simulator, prior, size, seed_sequence), chunk_size, compression)
 
 
 class _Assembler:
@@ -370,6 +391,10 @@ def simulate_to_hdf5(
     overwrite: bool = False,
     compression: str | None = "gzip",
     progress: bool = True,
+    executor: str = "local",
+    scheduler: Any = None,
+    dask_local_workers: int | None = None,
+    connect_timeout: float = 10.0,
 ) -> SimulationSummary:
     """Simulate ``n`` (θ, x) pairs into an HDF5 training set, crash-safe and resumable.
 
@@ -387,6 +412,12 @@ def simulate_to_hdf5(
         compression: ``"gzip"`` (deflate level 1 after byte shuffle, done by the workers in
             parallel; any HDF5 reader decodes it) or ``None``.
         progress: Show a progress bar on stderr.
+        executor: ``"local"`` (``workers`` processes on this machine) or ``"dask"`` (a Dask
+            cluster, see :mod:`sbi_gen.dask_executor`; the file is the same either way).
+        scheduler: With ``executor="dask"``: a scheduler address (``"tcp://host:8786"``) or a
+            ``distributed.Client``; ``None`` starts a local cluster for the run.
+        dask_local_workers: Worker processes of that local cluster (default: one per core).
+        connect_timeout: Seconds to wait for the scheduler at ``scheduler`` before giving up.
 
     Returns:
         A :class:`SimulationSummary`.
@@ -403,6 +434,7 @@ def simulate_to_hdf5(
         raise StoreError(f"the number of workers must be a positive integer, got {workers!r}")
     if compression not in (None, "gzip"):
         raise StoreError(f"compression must be 'gzip' or None, got {compression!r}")
+    _check_executor(executor, workers, scheduler, dask_local_workers, connect_timeout)
     _check_writable(path)
     partial = _partial_dir(path)
     manifest_path = partial / _MANIFEST
@@ -454,11 +486,6 @@ def simulate_to_hdf5(
             )
         elif previous.get("compression") != run["compression"]:
             shutil.rmtree(partial)
-    partial.mkdir(exist_ok=True)
-    if not manifest_path.exists():
-        tmp = manifest_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(run, indent=1))
-        os.replace(tmp, manifest_path)
 
     n_chunks = run["n_chunks"]
     sizes = [min(chunk_size, n - i * chunk_size) for i in range(n_chunks)]
@@ -467,22 +494,41 @@ def simulate_to_hdf5(
     seeds = chunk_seeds(int(seed), n_chunks)
     todo = [i for i in range(n_chunks) if not done[i]]
 
-    tmp_h5 = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    assembler = _Assembler(tmp_h5, run, compression)
+    # Connect (or start a local cluster) before writing anything: a mistyped scheduler address
+    # leaves no unfinished run behind. No cluster is needed when every chunk is on disk.
+    cluster = contextlib.ExitStack()
+    client = None
+    if executor == "dask" and todo:
+        from sbi_gen.dask_executor import dask_client
+
+        client = cluster.enter_context(dask_client(scheduler, dask_local_workers, connect_timeout))
+    try:
+        partial.mkdir(exist_ok=True)
+        if not manifest_path.exists():
+            tmp = manifest_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(run, indent=1))
+            os.replace(tmp, manifest_path)
+        tmp_h5 = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        assembler = _Assembler(tmp_h5, run, compression)
+    except BaseException:
+        cluster.close()
+        raise
     bar = _progress_bar(n, progress, initial=sum(sizes[i] for i in range(n_chunks) if done[i]))
     try:
         # Chunks already on disk from an earlier run go straight into the file.
         for i in range(n_chunks):
             if done[i]:
                 assembler.write(i, _load_shard(shards[i]))
-        # Workers inherit the simulator through fork: only chunk indices and seeds are pickled.
-        task = functools.partial(_simulate_chunk_to_shard, simulator, prior, int(chunk_size), compression)
-        tasks = [(i, sizes[i], seeds[i], shards[i]) for i in todo]
-        for _, info in run_tasks(task, tasks, workers=workers):
-            i = info["index"]
-            assembler.write(i, _load_shard(shards[i]))
-            if bar is not None:
-                bar.update(sizes[i])
+        if client is not None:
+            chunks = _dask_chunks(simulator, prior, int(chunk_size), compression, todo, sizes, seeds, shards, client)
+        else:
+            chunks = _local_chunks(simulator, prior, int(chunk_size), compression, todo, sizes, seeds, shards, workers)
+        # closing(): an interrupted run stops its workers, or cancels its Dask tasks, at once.
+        with contextlib.closing(chunks):
+            for i, shard in chunks:
+                assembler.write(i, shard)
+                if bar is not None:
+                    bar.update(sizes[i])
         counts = assembler.finish()
     except BaseException:
         assembler.abort()
@@ -490,12 +536,88 @@ def simulate_to_hdf5(
     finally:
         if bar is not None:
             bar.close()
+        # Every result is in by now, or the run failed for its own reason: a cluster that is
+        # slow to shut down must neither fail a finished run nor hide the first error.
+        with contextlib.suppress(Exception):
+            cluster.close()
     os.replace(tmp_h5, path)
     shutil.rmtree(partial, ignore_errors=True)
     return SimulationSummary(
         str(path), n, counts["n_valid"], counts["n_nonfinite"], counts["n_failed"], counts["first_error"],
         time.perf_counter() - started, n_chunks - len(todo), n_chunks, False, counts["shapes"],
     )
+
+
+def _check_executor(executor: str, workers: int, scheduler: Any, dask_local_workers: int | None, connect_timeout: float) -> None:
+    if executor not in ("local", "dask"):
+        raise StoreError(f"executor must be 'local' or 'dask', got {executor!r}")
+    if executor == "local":
+        if scheduler is not None or dask_local_workers is not None:
+            raise StoreError("a scheduler or dask_local_workers needs executor='dask'")
+        return
+    if workers != 1:
+        raise StoreError(
+            "workers (--workers) counts local processes; a Dask run uses the cluster's workers "
+            "(dask_local_workers / --dask-local for a cluster on this machine)"
+        )
+    if scheduler is not None and dask_local_workers is not None:
+        raise StoreError("give either a Dask scheduler or dask_local_workers (--dask-local), not both")
+    if dask_local_workers is not None and (
+        isinstance(dask_local_workers, bool) or not isinstance(dask_local_workers, (int, np.integer)) or dask_local_workers <= 0
+    ):
+        raise StoreError(f"the number of local Dask workers must be a positive integer, got {dask_local_workers!r}")
+    if not connect_timeout > 0:
+        raise StoreError(f"the connect timeout must be positive, got {connect_timeout!r} s")
+    from sbi_gen.dask_executor import require_distributed
+
+    require_distributed()  # fail before any file is touched, with the install command
+
+
+def _local_chunks(
+    simulator: Any,
+    prior: Any,
+    chunk_size: int,
+    compression: str | None,
+    todo: list[int],
+    sizes: list[int],
+    seeds: list[np.random.SeedSequence],
+    shards: list[Path],
+    workers: int,
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Simulate chunks ``todo`` in local processes; yield ``(chunk index, shard)`` as each finishes."""
+    # Workers inherit the simulator through fork: only chunk indices and seeds are pickled.
+    task = functools.partial(_simulate_chunk_to_shard, simulator, prior, chunk_size, compression)
+    tasks = [(i, sizes[i], seeds[i], shards[i]) for i in todo]
+    for _, info in run_tasks(task, tasks, workers=workers):
+        i = info["index"]
+        yield i, _load_shard(shards[i])
+
+
+def _dask_chunks(
+    simulator: Any,
+    prior: Any,
+    chunk_size: int,
+    compression: str | None,
+    todo: list[int],
+    sizes: list[int],
+    seeds: list[np.random.SeedSequence],
+    shards: list[Path],
+    client: Any,
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Simulate chunks ``todo`` on a Dask cluster; yield ``(chunk index, shard)`` as each finishes.
+
+    Workers return the encoded shard bytes and this process writes them (atomically, as the local
+    workers do): the cluster's workers need no access to this machine's file system.
+    """
+    from sbi_gen.dask_executor import run_tasks_dask
+
+    task = functools.partial(_simulate_chunk_to_bytes, simulator, prior, chunk_size, compression)
+    results = run_tasks_dask(task, [(sizes[i], seeds[i]) for i in todo], client, key_prefix="sbi-gen-chunk")
+    with contextlib.closing(results):
+        for position, data in results:
+            i = todo[position]
+            _write_shard(shards[i], data)
+            yield i, _load_shard(io.BytesIO(data))
 
 
 def _progress_bar(total: int, enabled: bool, initial: int) -> Any:

@@ -5,6 +5,14 @@ on the validation loss (the best weights are restored), a learning-rate schedule
 clipping and a progress bar. It takes tensors ``(y, c)``, a torch ``Dataset`` of ``(y, c)``
 pairs, or an HDF5 training set (with the names of the datasets that play ``y`` and ``c``).
 
+An HDF5 file larger than a share of the available memory (or any file, with
+``TrainConfig(streaming=True)``) is not loaded but streamed in chunk-shuffled batches by
+:class:`~sbi_gen.streaming.ChunkStream`, with memory that does not grow with the file. Under
+``torchrun`` (an initialized process group, or ``WORLD_SIZE`` > 1) the same call trains one
+model data-parallel, each process on its shard (see :mod:`sbi_gen.distributed`). In-memory and
+streamed, single- and multi-process runs share one loop; they differ only in where the batches
+come from.
+
 Example:
     >>> import torch
     >>> from sbi_gen.estimators import build_estimator
@@ -18,20 +26,40 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from sbi_gen.store import load, train_val_split
+from sbi_gen.distributed import (
+    all_reduce_sum,
+    broadcast_module,
+    init_from_env,
+    process_info,
+    rank_device,
+    shard,
+    wrap_for_training,
+)
+from sbi_gen.store import load, read_info, train_val_split
+from sbi_gen.streaming import ChunkStream, chunk_layout, read_blocks, valid_counts
 
-__all__ = ["History", "TrainConfig", "fit", "resolve_device", "with_overrides"]
+__all__ = ["History", "TrainConfig", "default_streaming_threshold", "fit", "resolve_device", "with_overrides"]
+
+# Standardization of a streamed file: statistics of a seeded random subset of its training
+# chunks, whole chunks until this many rows or bytes. At 10^5 rows the relative error of a
+# standard deviation is about 1/sqrt(2 * 10^5) = 0.2%, immaterial for z-scoring; memory stays
+# bounded whatever the file size.
+_STATS_ROWS = 100_000
+_STATS_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -56,8 +84,17 @@ class TrainConfig:
         clip_grad_norm: Maximum gradient norm (``None``: no clipping).
         val_fraction: Share of the rows held out for validation.
         seed: Seed of the split, the initial weights' shuffling and batches.
-        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, or ``"auto"`` (CUDA when available).
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, or ``"auto"`` (CUDA when available). Under
+            ``torchrun``, ``"cuda"`` means each process's own GPU (``LOCAL_RANK``).
         progress: Show a progress bar with the training and validation loss.
+        streaming: For an HDF5 path, ``True`` streams it from disk, ``False`` loads it, ``None``
+            (auto) streams files whose training data would take more than ``streaming_threshold``
+            bytes in memory. A streamed file is split into training and validation sets by whole
+            HDF5 chunks (a seeded split of the chunks, ``val_fraction`` of them for validation),
+            and standardized with the statistics of a seeded random subset of its training
+            chunks (up to 100,000 rows or 64 MiB).
+        streaming_threshold: Bytes (as float32 tensors) above which ``streaming=None`` streams;
+            ``None``: :func:`default_streaming_threshold`.
     """
 
     batch_size: int = 256
@@ -73,6 +110,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     progress: bool = True
+    streaming: bool | None = None
+    streaming_threshold: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "max_epochs", "patience", "lr_patience"):
@@ -82,6 +121,12 @@ class TrainConfig:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+        if int(self.seed) < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {self.seed}")
+        if self.streaming not in (True, False, None):
+            raise ValueError(f"streaming must be True, False or None (auto), got {self.streaming!r}")
+        if self.streaming_threshold is not None and int(self.streaming_threshold) <= 0:
+            raise ValueError(f"streaming_threshold must be a positive number of bytes, got {self.streaming_threshold}")
 
 
 @dataclass
@@ -97,6 +142,8 @@ class History:
     seconds: float = 0.0
     n_train: int = 0
     n_val: int = 0
+    streaming: bool = False
+    world_size: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -130,13 +177,160 @@ def _finite_rows(y: Tensor, c: Tensor) -> Tensor:
     return torch.isfinite(y.reshape(len(y), -1)).all(1) & torch.isfinite(c.reshape(len(c), -1)).all(1)
 
 
+def default_streaming_threshold() -> int:
+    """Bytes of training data above which ``fit`` streams a file by default: a quarter of the
+    available memory (``psutil`` if installed, else ``/proc/meminfo``), shared among the
+    processes of this machine under ``torchrun``."""
+    available = None
+    try:
+        import psutil
+
+        available = int(psutil.virtual_memory().available)
+    except ImportError:
+        with contextlib.suppress(OSError, ValueError, IndexError, KeyError):
+            with open("/proc/meminfo") as handle:
+                fields = dict(line.split(":", 1) for line in handle)
+            available = int(fields["MemAvailable"].split()[0]) * 1024
+    if available is None:
+        with contextlib.suppress(ValueError, OSError, AttributeError):
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return max(1, (available or 4 << 30) // 4 // process_info().local_world_size)
+
+
+@dataclass
+class _Batches:
+    """Where one training run's batches come from; the loop in :func:`_train` sees only this.
+
+    ``train(epoch)`` yields this process's training batches on the device (the same number on
+    every process), ``val()`` its share of the validation batches, ``standardization()`` the
+    rows the z-scoring statistics are computed from (called on rank 0 only).
+    """
+
+    train: Callable[[int], Iterator[tuple[Tensor, Tensor]]]
+    val: Callable[[], Iterator[tuple[Tensor, Tensor]]]
+    standardization: Callable[[], tuple[Tensor, Tensor]]
+    n_train: int
+    n_val: int
+    streaming: bool
+
+
+def _in_memory(data: Any, config: TrainConfig, device: torch.device, y_key: str, c_key: str) -> _Batches:
+    y, c = _as_tensors(data, y_key, c_key)
+    if len(y) != len(c):
+        raise ValueError(f"y has {len(y)} rows but c has {len(c)}")
+    keep = _finite_rows(y, c)
+    y, c = y[keep].float(), c[keep].float()
+    if len(y) < 10:
+        raise ValueError(f"need at least 10 finite training rows, got {len(y)}")
+    train_idx, val_idx = train_val_split(len(y), config.val_fraction, seed=config.seed)
+    info = process_info()
+    rows_per_process = len(train_idx) // info.world_size  # shards differ by one row at most
+    if rows_per_process < 1:
+        raise ValueError(f"{len(train_idx)} training rows cannot be shared among {info.world_size} processes")
+    own_train, own_val = shard(train_idx), shard(val_idx)
+    y_train, c_train = y[own_train].to(device), c[own_train].to(device)
+    y_val, c_val = y[own_val].to(device), c[own_val].to(device)
+    batch_size = min(config.batch_size, rows_per_process)
+    steps = rows_per_process // batch_size
+    generator = torch.Generator(device="cpu").manual_seed(config.seed + info.rank)
+
+    def train(epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
+        order = torch.randperm(len(y_train), generator=generator).to(device)
+        for start in range(0, steps * batch_size, batch_size):
+            batch = order[start : start + batch_size]
+            yield y_train[batch], c_train[batch]
+
+    def val() -> Iterator[tuple[Tensor, Tensor]]:
+        size = 4 * batch_size
+        return ((y_val[i : i + size], c_val[i : i + size]) for i in range(0, len(y_val), size))
+
+    def standardization() -> tuple[Tensor, Tensor]:
+        if info.world_size == 1:
+            return y_train, c_train
+        return y[train_idx].to(device), c[train_idx].to(device)
+
+    return _Batches(train, val, standardization, len(train_idx), len(val_idx), streaming=False)
+
+
+def _streamed(path: Any, config: TrainConfig, device: torch.device, y_key: str, c_key: str) -> _Batches:
+    read_info(path)  # a missing, unfinished or foreign file fails here with its one-line reason
+    layout = chunk_layout(path, (y_key, c_key))
+    if layout.n_blocks < 2:
+        raise ValueError(
+            f"{path} holds {layout.n_rows} rows in {layout.n_blocks} HDF5 chunk of {layout.block_rows} rows: "
+            "a streamed file is split into training and validation by whole chunks; train it in memory (streaming=False)"
+        )
+    train_blocks, val_blocks = train_val_split(layout.n_blocks, config.val_fraction, seed=config.seed)
+    counts = valid_counts(path, layout)
+    info = process_info()
+    if len(train_blocks) < info.world_size:
+        raise ValueError(
+            f"{path} has {len(train_blocks)} training chunks, fewer than the {info.world_size} processes; "
+            "train it with fewer processes or in memory (streaming=False)"
+        )
+    # Every process knows every shard, so all agree on the batch size and step count unasked.
+    rows_per_process = min(int(counts[train_blocks[rank :: info.world_size]].sum()) for rank in range(info.world_size))
+    n_train, n_val = int(counts[train_blocks].sum()), int(counts[val_blocks].sum())
+    if n_train < 10 or n_val < 1 or rows_per_process < 1:
+        raise ValueError(f"{path}: too few valid rows to train ({n_train} for training, {n_val} for validation)")
+    batch_size = min(config.batch_size, rows_per_process)
+    steps = rows_per_process // batch_size
+    pin = device.type == "cuda"
+    common = {"y_key": y_key, "c_key": c_key, "seed": config.seed, "pin_memory": pin}
+    train_stream = ChunkStream(path, shard(train_blocks), batch_size=batch_size, drop_last=True, **common)
+    val_stream = ChunkStream(path, shard(val_blocks), batch_size=4 * batch_size, shuffle=False, **common)
+
+    def on_device(batches: Iterator[tuple[Tensor, Tensor]]) -> Iterator[tuple[Tensor, Tensor]]:
+        with contextlib.closing(batches):
+            for y, c in batches:
+                yield y.to(device, non_blocking=pin), c.to(device, non_blocking=pin)
+
+    def standardization() -> tuple[Tensor, Tensor]:
+        order = np.random.default_rng(config.seed).permutation(train_blocks)
+        rows = np.cumsum(counts[order])
+        enough = (rows >= _STATS_ROWS) | (rows * layout.row_bytes >= _STATS_BYTES)
+        take = int(np.argmax(enough)) + 1 if enough.any() else len(order)
+        y, c = read_blocks(path, order[:take], layout, y_key, c_key)
+        return y.to(device), c.to(device)
+
+    return _Batches(
+        train=lambda epoch: on_device(train_stream.batches(epoch, limit=steps)),
+        val=lambda: on_device(val_stream.batches(0)),
+        standardization=standardization,
+        n_train=n_train,
+        n_val=n_val,
+        streaming=True,
+    )
+
+
+def _streaming_wanted(data: Any, config: TrainConfig, y_key: str, c_key: str) -> bool:
+    is_path = isinstance(data, (str, os.PathLike))
+    if config.streaming is True and not is_path:
+        raise ValueError("streaming=True needs the path of an HDF5 training set; tensors and datasets are trained in memory")
+    if not is_path or config.streaming is False:
+        return False
+    if config.streaming is True:
+        return True
+    shapes = read_info(data)["shapes"]
+    elements = sum(math.prod(shapes[key]) for key in (y_key, c_key) if key in shapes)
+    threshold = config.streaming_threshold or default_streaming_threshold()
+    return 4 * elements > threshold  # float32 tensors
+
+
 @torch.no_grad()
+def _loss_sums(estimator: nn.Module, batches: Iterator[tuple[Tensor, Tensor]], device: torch.device) -> Tensor:
+    """``[sum of per-row losses, rows]`` over ``batches``, accumulated on the device (no sync per batch)."""
+    sums = torch.zeros(2, dtype=torch.float64, device=device)
+    for y, c in batches:
+        sums[0] += estimator.loss(y, c).double() * len(y)
+        sums[1] += len(y)
+    return sums
+
+
 def _mean_loss(estimator: nn.Module, y: Tensor, c: Tensor, batch_size: int) -> float:
-    total, count = 0.0, 0
-    for start in range(0, len(y), batch_size):
-        yb, cb = y[start : start + batch_size], c[start : start + batch_size]
-        total += float(estimator.loss(yb, cb)) * len(yb)
-        count += len(yb)
+    device = y.device
+    batches = ((y[i : i + batch_size], c[i : i + batch_size]) for i in range(0, len(y), batch_size))
+    total, count = _loss_sums(estimator, batches, device).tolist()
     return total / max(count, 1)
 
 
@@ -155,61 +349,66 @@ def fit(
         estimator: A :class:`~sbi_gen.estimators.ConditionalEstimator` (anything with
             ``loss(y, c)`` and, if ``standardize``, ``set_standardization(y, c)``).
         data: ``(y, c)`` tensors, a ``Dataset`` of ``(y, c)`` pairs, a
-            :class:`~sbi_gen.store.TrainingSet` or the path of an HDF5 training set.
+            :class:`~sbi_gen.store.TrainingSet` or the path of an HDF5 training set (streamed
+            from disk when large, see :attr:`TrainConfig.streaming`).
         config: A :class:`TrainConfig`; defaults if omitted.
-        y_key: For a training set or path, the attribute playing ``y`` (``"theta"`` for NPE).
+        y_key: For a training set or path, the dataset playing ``y`` (``"theta"`` for NPE).
         c_key: Likewise for ``c`` (``"x"`` for NPE).
         standardize: Set the estimator's z-scoring from the training split first.
 
-    Rows with non-finite values are dropped with a count in the history; the best weights
-    (lowest validation loss) are loaded back into ``estimator`` at the end.
+    Rows with non-finite values (and rows of a file flagged invalid) are dropped; the best
+    weights (lowest validation loss) are loaded back into ``estimator`` at the end.
+
+    Under ``torchrun`` this joins the process group (and leaves it initialized), trains
+    data-parallel with gradients averaged across processes and returns the same weights and
+    history on every process; write files from rank 0 only
+    (:func:`sbi_gen.distributed.is_main_process`).
     """
     config = config or TrainConfig()
-    device = resolve_device(config.device)
-    y, c = _as_tensors(data, y_key, c_key)
-    if len(y) != len(c):
-        raise ValueError(f"y has {len(y)} rows but c has {len(c)}")
-    keep = _finite_rows(y, c)
-    y, c = y[keep].float(), c[keep].float()
-    if len(y) < 10:
-        raise ValueError(f"need at least 10 finite training rows, got {len(y)}")
-    train_idx, val_idx = train_val_split(len(y), config.val_fraction, seed=config.seed)
-    y_train, c_train = y[train_idx].to(device), c[train_idx].to(device)
-    y_val, c_val = y[val_idx].to(device), c[val_idx].to(device)
-
+    init_from_env(config.device)
+    device = rank_device(resolve_device(config.device))
+    if _streaming_wanted(data, config, y_key, c_key):
+        batches = _streamed(data, config, device, y_key, c_key)
+    else:
+        batches = _in_memory(data, config, device, y_key, c_key)
     estimator.to(device)
-    if standardize and hasattr(estimator, "set_standardization"):
-        estimator.set_standardization(y_train, c_train)
+    if standardize and hasattr(estimator, "set_standardization") and process_info().rank == 0:
+        estimator.set_standardization(*batches.standardization())
+    broadcast_module(estimator)  # same weights and statistics everywhere
+    return _train(estimator, batches, config, device)
+
+
+def _train(estimator: nn.Module, batches: _Batches, config: TrainConfig, device: torch.device) -> History:
+    info = process_info()
+    step = wrap_for_training(estimator, device)
     optimizer = torch.optim.AdamW(estimator.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="min", factor=config.lr_factor, patience=config.lr_patience
     )
-    generator = torch.Generator(device="cpu").manual_seed(config.seed)
-    history = History(n_train=len(train_idx), n_val=len(val_idx))
+    history = History(n_train=batches.n_train, n_val=batches.n_val, streaming=batches.streaming, world_size=info.world_size)
     best_state = copy.deepcopy(estimator.state_dict())
-    bar = _progress(config)
+    bar = _progress(config) if info.rank == 0 else None
     started = time.perf_counter()
-    batch_size = min(config.batch_size, len(y_train))
     epochs_since_best = 0
     try:
         for epoch in range(config.max_epochs):
-            estimator.train()
-            order = torch.randperm(len(y_train), generator=generator).to(device)
-            running = torch.zeros((), device=device)
-            n_batches = 0
-            for start in range(0, len(order) - batch_size + 1, batch_size):
-                batch = order[start : start + batch_size]
-                loss = estimator.loss(y_train[batch], c_train[batch])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if config.clip_grad_norm is not None:
-                    nn.utils.clip_grad_norm_(estimator.parameters(), config.clip_grad_norm)
-                optimizer.step()
-                running += loss.detach()
-                n_batches += 1
-            estimator.eval()
-            train_loss = float(running) / max(n_batches, 1)  # one host sync per epoch
-            val_loss = _mean_loss(estimator, y_val, c_val, 4 * batch_size)
+            step.train()
+            running = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of batch losses, batches]
+            with contextlib.closing(batches.train(epoch)) as train_batches:
+                for y, c in train_batches:
+                    loss = step(y, c)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()  # under DDP the gradients are averaged across processes here
+                    if config.clip_grad_norm is not None:
+                        nn.utils.clip_grad_norm_(estimator.parameters(), config.clip_grad_norm)
+                    optimizer.step()
+                    running[0] += loss.detach()
+                    running[1] += 1
+            step.eval()
+            # One host sync per epoch; sums over processes make every decision below identical on all.
+            loss_sum, n_batches = all_reduce_sum(running).tolist()
+            val_sum, n_val = all_reduce_sum(_loss_sums(estimator, batches.val(), device)).tolist()
+            train_loss, val_loss = loss_sum / max(n_batches, 1), val_sum / max(n_val, 1)
             if not math.isfinite(train_loss):
                 raise FloatingPointError(
                     f"the training loss became {train_loss} at epoch {epoch}; lower the learning rate or check the data"

@@ -18,7 +18,12 @@ SMALL = {
     "nsf": {"transforms": 2, "hidden_features": [16, 16], "bins": 4},
     "maf": {"transforms": 2, "hidden_features": [16, 16]},
     "cnf": {"hidden_features": [16, 16], "atol": 1e-5, "rtol": 1e-4},
+    "diffusion": {"hidden": 16, "blocks": 1, "time_features": 8},
+    "vae": {"latent_features": 2, "hidden_features": [16, 16]},
 }
+# Estimators whose log_prob is a Monte Carlo estimate: the hyperparameters of its r-th
+# independent draw (see test_log_prob_is_a_normalized_density_in_original_space).
+ESTIMATED_LOG_PROB = {"vae": lambda r: {"iw_seed": r, "iw_samples": 128}}
 NAMES = sorted(ESTIMATORS)
 MAP = (8, 8)
 CONDITIONS = {
@@ -144,33 +149,50 @@ def test_box_prior_samples_inside_and_log_prob_outside_is_minus_inf(name):
     assert dist.support.check(y).all()
 
 
+def _normalization_integrals(name: str, **kwargs) -> torch.Tensor:
+    """Trapezoid integrals of exp(log_prob) over y for two conditions, with a 1-D box prior and
+    unbounded: shape (4,)."""
+    torch.manual_seed(0)
+    c = torch.randn(2, 3, dtype=torch.float64)
+    # 1-D box prior [-1, 5], non-trivial z-scoring after the logit: nodes uniform in the logit.
+    prior = BoxUniform([-1.0], [5.0])
+    est = small(name, y_dim=1, y_prior=prior.to_dict(), **kwargs).double()
+    est.set_standardization(-1 + 6 * torch.rand(400, 1) ** 2, torch.randn(400, 3))
+    y = -1 + 6 * torch.sigmoid(torch.linspace(-30, 30, 2001, dtype=torch.float64))
+    with torch.no_grad():
+        box = torch.trapezoid(est(c).log_prob(y[:, None, None]).exp(), y, dim=0)
+    # Unbounded y with mean 3, scale 0.5: nodes y = 3 + 1.5 sinh(v), reaching ±600 scales.
+    est = small(name, y_dim=1, **kwargs).double()
+    est.set_standardization(3 + 0.5 * torch.randn(400, 1), torch.randn(400, 3))
+    y = 3 + 1.5 * torch.sinh(torch.linspace(-6, 6, 2001, dtype=torch.float64))
+    with torch.no_grad():
+        unbounded = torch.trapezoid(est(c).log_prob(y[:, None, None]).exp(), y, dim=0)
+    return torch.cat((box, unbounded))
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_log_prob_is_a_normalized_density_in_original_space(name):
     """exp(log_prob) integrates to 1 over y: the Jacobians of the z-scoring and of the prior
     bijection are accounted for. Trapezoid rule in float64 on 2001 nodes that crowd where an
     untrained density may pile up (box edges, far tails): the quadrature error is ~1e-5, far
-    below the 1e-2 tolerance."""
-    torch.manual_seed(0)
-    c = torch.randn(2, 3, dtype=torch.float64)
-    # 1-D box prior [-1, 5], non-trivial z-scoring after the logit: nodes uniform in the logit.
-    prior = BoxUniform([-1.0], [5.0])
-    est = small(name, y_dim=1, y_prior=prior.to_dict()).double()
-    est.set_standardization(-1 + 6 * torch.rand(400, 1) ** 2, torch.randn(400, 3))
-    y = -1 + 6 * torch.sigmoid(torch.linspace(-30, 30, 2001, dtype=torch.float64))
-    with torch.no_grad():
-        density = est(c).log_prob(y[:, None, None]).exp()
-    torch.testing.assert_close(
-        torch.trapezoid(density, y, dim=0), torch.ones(2, dtype=torch.float64), atol=1e-2, rtol=0
-    )
-    # Unbounded y with mean 3, scale 0.5: nodes y = 3 + 1.5 sinh(v), reaching ±600 scales.
-    est = small(name, y_dim=1).double()
-    est.set_standardization(3 + 0.5 * torch.randn(400, 1), torch.randn(400, 3))
-    y = 3 + 1.5 * torch.sinh(torch.linspace(-6, 6, 2001, dtype=torch.float64))
-    with torch.no_grad():
-        density = est(c).log_prob(y[:, None, None]).exp()
-    torch.testing.assert_close(
-        torch.trapezoid(density, y, dim=0), torch.ones(2, dtype=torch.float64), atol=1e-2, rtol=0
-    )
+    below the 1e-2 tolerance.
+
+    Where log_prob is a Monte Carlo estimate (ESTIMATED_LOG_PROB), exp(log_prob) is an unbiased
+    estimate of the density (the VAE's importance-weighted p̂), so its integral is 1 only in
+    expectation over the estimate's noise, and one draw of the VAE's noise is shared by every
+    node, so it does not average out over the grid (spread per draw at K = 128, untrained:
+    ≈ 0.08 with the box prior, ≈ 0.4 unbounded). The mean over R = 16 independent draws must be
+    within the quadrature tolerance plus 4 of its standard errors; a Jacobian off by a factor 2
+    scales every draw, and so the mean and its standard error, by that factor: outside this band.
+    """
+    if name not in ESTIMATED_LOG_PROB:
+        torch.testing.assert_close(
+            _normalization_integrals(name), torch.ones(4, dtype=torch.float64), atol=1e-2, rtol=0
+        )
+        return
+    draws = torch.stack([_normalization_integrals(name, **ESTIMATED_LOG_PROB[name](r)) for r in range(16)])
+    mean, se = draws.mean(0), draws.std(0) / math.sqrt(len(draws))
+    assert ((mean - 1).abs() < 1e-2 + 4 * se).all(), (mean, se)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -22,7 +22,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from sbi_gen.estimators.base import ConditionalEstimator, SupportTransform
+from sbi_gen.estimators.diffusion import Diffusion
 from sbi_gen.estimators.flows import CNF, MAF, NSF
+from sbi_gen.estimators.vae import VAE
 
 __all__ = [
     "CNF",
@@ -30,15 +32,19 @@ __all__ = [
     "ESTIMATORS",
     "MAF",
     "NSF",
+    "VAE",
     "ConditionalEstimator",
+    "Diffusion",
     "SupportTransform",
     "build_estimator",
 ]
 
 ESTIMATORS: dict[str, type[ConditionalEstimator]] = {
     "cnf": CNF,
+    "diffusion": Diffusion,
     "maf": MAF,
     "nsf": NSF,
+    "vae": VAE,
 }
 """Estimator classes by name (``cls.name``); the CLI resolves ``--estimator`` through it."""
 
