@@ -8,6 +8,9 @@ Wall-clock training and sampling times are printed with ratios against sbi.
 
 Methods:
 - `ours-npe`, `ours-nle`: sbi_gen's defaults (`NPE(prior)`, `NLE(prior)`).
+- `ours-npe-vae`, `ours-npe-diffusion`, `ours-nle-vae`, `ours-nle-diffusion` (opt-in): the
+  other two generative families with their defaults (NLE-diffusion is slow: its likelihood is
+  an ODE solve per MCMC call).
 - `sbi-npe`, `sbi-nle`: sbi's defaults (`NPE(prior)`, `NLE(prior)`; NLE sampled with sbi's
   default MCMC, `slice_np_vectorized`).
 - `zuko`: what a capable user writes without a package: z-scored θ and x, a zuko NSF
@@ -36,6 +39,8 @@ from sbi_gen.simulate import simulate
 from sbi_gen.train import TrainConfig
 
 METHODS = ["ours-npe", "ours-nle", "sbi-npe", "sbi-nle", "zuko"]
+# The other generative families behind the same interface (``ours-KIND-ESTIMATOR``).
+FAMILIES = ["ours-npe-vae", "ours-npe-diffusion", "ours-nle-vae", "ours-nle-diffusion"]
 
 
 def _sbi_prior(task):
@@ -47,8 +52,8 @@ def _sbi_prior(task):
     return torch.distributions.MultivariateNormal(prior.loc, prior.covariance)
 
 
-def run_ours(kind, task, theta, x, observations, n_samples, seed):
-    model = (NPE if kind == "npe" else NLE)(task.prior)
+def run_ours(kind, task, theta, x, observations, n_samples, seed, estimator="nsf"):
+    model = (NPE if kind == "npe" else NLE)(task.prior, estimator)
     started = time.perf_counter()
     model.fit((theta, x), config=TrainConfig(progress=False, seed=seed))
     train = time.perf_counter() - started
@@ -124,7 +129,8 @@ def run_zuko(task, theta, x, observations, n_samples, seed):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", nargs="+", default=["two_moons", "slcp", "gaussian_linear"])
-    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS + FAMILIES,
+                        help=f"default {' '.join(METHODS)}; also {' '.join(FAMILIES)}")
     parser.add_argument("--n-simulations", type=int, default=10_000)
     parser.add_argument("--n-obs", type=int, default=3)
     parser.add_argument("--n-samples", type=int, default=10_000, help="posterior and reference samples per observation")
@@ -146,15 +152,17 @@ def main() -> None:
             if method == "zuko":
                 samples, train, sample = run_zuko(task, theta, x, observations, args.n_samples, args.seed)
             else:
-                source, kind = method.split("-")
-                runner = run_ours if source == "ours" else run_sbi
-                samples, train, sample = runner(kind, task, theta, x, observations, args.n_samples, args.seed)
+                source, kind, *estimator = method.split("-")
+                if source == "ours":
+                    samples, train, sample = run_ours(kind, task, theta, x, observations, args.n_samples, args.seed, *estimator)
+                else:
+                    samples, train, sample = run_sbi(kind, task, theta, x, observations, args.n_samples, args.seed)
             n = min(args.c2st_samples, *(len(s) for s in samples))
             scores = [c2st(ref, s, n_max=n) for ref, s in zip(references, samples)]
             row = {"task": task_name, "method": method, "c2st": float(np.mean(scores)), "c2st_each": scores,
                    "train_s": train, "sample_s_per_obs": sample / len(observations)}
             results.append(row)
-            print(f"{task_name:<16}{method:<10} C2ST {row['c2st']:.3f}  train {train:7.1f} s  "
+            print(f"{task_name:<16}{method:<20} C2ST {row['c2st']:.3f}  train {train:7.1f} s  "
                   f"sample {row['sample_s_per_obs']:7.2f} s/obs", flush=True)
 
     print("\nratios against sbi (train time, sample time; < 1 is faster)")

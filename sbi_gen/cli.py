@@ -24,15 +24,37 @@ class CLIError(Exception):
     """An error to report to the user as one line."""
 
 
+def _json_object(text: str | None, flag: str, example: str) -> dict[str, Any]:
+    """The JSON object given to ``flag`` (``{}`` when absent), or a one-line error."""
+    try:
+        value = json.loads(text) if text else {}
+    except json.JSONDecodeError as error:
+        raise CLIError(f"{flag} is not valid JSON: {error.msg}") from None
+    if not isinstance(value, dict):
+        raise CLIError(f"{flag} must be a JSON object, e.g. '{example}'")
+    return value
+
+
+def _train_config(args: argparse.Namespace, **extra: Any) -> Any:
+    """The :class:`~sbi_gen.train.TrainConfig` of the training options shared by the train commands."""
+    from sbi_gen.train import TrainConfig
+
+    return TrainConfig(
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        max_epochs=args.max_epochs,
+        patience=args.patience,
+        seed=args.seed,
+        device=args.device,
+        progress=not args.quiet,
+        **extra,
+    )
+
+
 def _simulator(name: str, config: str | None) -> Any:
     import simulators
 
-    try:
-        kwargs = json.loads(config) if config else {}
-    except json.JSONDecodeError as error:
-        raise CLIError(f"--config is not valid JSON: {error.msg}") from None
-    if not isinstance(kwargs, dict):
-        raise CLIError("--config must be a JSON object, e.g. '{\"n_pix\": 64}'")
+    kwargs = _json_object(config, "--config", '{"n_pix": 64}')
     try:
         return simulators.get(name, **kwargs)
     except KeyError:
@@ -107,27 +129,14 @@ def _cmd_train(args: argparse.Namespace) -> None:
     from sbi_gen.estimators import ESTIMATORS
     from sbi_gen.inference import NLE, NPE
     from sbi_gen.store import read_info
-    from sbi_gen.train import TrainConfig
 
     if args.estimator not in ESTIMATORS:
         raise CLIError(f"unknown estimator {args.estimator!r}; known: {', '.join(sorted(ESTIMATORS))}")
     info = read_info(args.data)
-    try:
-        estimator_kwargs = json.loads(args.estimator_kwargs) if args.estimator_kwargs else {}
-    except json.JSONDecodeError as error:
-        raise CLIError(f"--estimator-kwargs is not valid JSON: {error.msg}") from None
+    estimator_kwargs = _json_object(args.estimator_kwargs, "--estimator-kwargs", '{"transforms": 3}')
     method = {"npe": NPE, "nle": NLE}[args.method]
     model = method(None, args.estimator, embedding=args.embedding, estimator_kwargs=estimator_kwargs, device=args.device)
-    config = TrainConfig(
-        batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
-        max_epochs=args.max_epochs,
-        patience=args.patience,
-        seed=args.seed,
-        device=args.device,
-        progress=not args.quiet,
-        streaming={"auto": None, "on": True, "off": False}[args.streaming],
-    )
+    config = _train_config(args, streaming={"auto": None, "on": True, "off": False}[args.streaming])
     # Under torchrun every process trains its shard of the same model; rank 0 alone reports and saves.
     distributed.init_from_env(args.device)
     main = distributed.is_main_process()
@@ -261,24 +270,10 @@ def _cmd_train_emulator(args: argparse.Namespace) -> None:
     from sbi_gen.checkpoint import save_emulator
     from sbi_gen.emulator import train_emulator
     from sbi_gen.store import read_info
-    from sbi_gen.train import TrainConfig
 
-    try:
-        hyperparameters = json.loads(args.hyperparameters) if args.hyperparameters else {}
-    except json.JSONDecodeError as error:
-        raise CLIError(f"--hyperparameters is not valid JSON: {error.msg}") from None
-    if not isinstance(hyperparameters, dict):
-        raise CLIError("--hyperparameters must be a JSON object, e.g. '{\"channels\": [16, 32]}'")
+    hyperparameters = _json_object(args.hyperparameters, "--hyperparameters", '{"channels": [16, 32]}')
     info = read_info(args.data)
-    config = TrainConfig(
-        batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
-        max_epochs=args.max_epochs,
-        patience=args.patience,
-        seed=args.seed,
-        device=args.device,
-        progress=not args.quiet,
-    )
+    config = _train_config(args)
     print(f"training a {args.family} emulator on {info['n_valid']:,} valid maps of {info['simulator']}")
     try:
         emulator, history = train_emulator(args.data, args.family, hyperparameters, config=config)
@@ -402,6 +397,16 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
+def _training_options(parser: argparse.ArgumentParser, batch_size: int, max_epochs: int) -> None:
+    """The options read by :func:`_train_config` (with ``--quiet``, added by each command)."""
+    parser.add_argument("--batch-size", type=_positive_int, default=batch_size)
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--max-epochs", type=_positive_int, default=max_epochs)
+    parser.add_argument("--patience", type=_positive_int, default=20)
+    parser.add_argument("--seed", type=_non_negative_int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sbi-gen", description="Simulation-based inference with deep generative models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -436,12 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--estimator-kwargs", default=None, help="estimator hyperparameters as a JSON object")
     p.add_argument("--embedding", default=None, help="embedding of x for NPE: identity (default for vectors), mlp, resmlp, cnn (default for maps)")
     p.add_argument("--out", required=True, help="output model directory")
-    p.add_argument("--batch-size", type=_positive_int, default=256)
-    p.add_argument("--learning-rate", type=float, default=1e-3)
-    p.add_argument("--max-epochs", type=_positive_int, default=1000)
-    p.add_argument("--patience", type=_positive_int, default=20)
-    p.add_argument("--seed", type=_non_negative_int, default=0)
-    p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    _training_options(p, batch_size=256, max_epochs=1000)
     p.add_argument("--streaming", choices=["auto", "on", "off"], default="auto",
                    help="stream the file from disk instead of loading it (auto: when it would fill a quarter of the free memory)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -481,12 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--family", choices=["diffusion", "vae"], default="diffusion", help="generative model (default diffusion)")
     p.add_argument("--hyperparameters", default=None, help="hyperparameters of the family as a JSON object")
     p.add_argument("--out", required=True, help="output emulator directory")
-    p.add_argument("--batch-size", type=_positive_int, default=64)
-    p.add_argument("--learning-rate", type=float, default=1e-3)
-    p.add_argument("--max-epochs", type=_positive_int, default=200)
-    p.add_argument("--patience", type=_positive_int, default=20)
-    p.add_argument("--seed", type=_non_negative_int, default=0)
-    p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    _training_options(p, batch_size=64, max_epochs=200)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train_emulator)
 
