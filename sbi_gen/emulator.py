@@ -575,9 +575,11 @@ def plot_emulated_maps(
     fig.colorbar(image, cax=fig.add_subplot(grid[:2, columns]))
     if spectra is not None:
         ax = fig.add_subplot(grid[2, : max(1, columns // 2)])
-        x = spectra.ell if spectra.ell is not None else np.arange(len(spectra.ratio))
-        ax.loglog(x, spectra.simulated, "k-", label="simulated")
-        ax.loglog(x, spectra.emulated, "C1--", label="emulated")
+        # Without multipoles the bins are numbered 1, 2, ... on a linear axis.
+        x = spectra.ell if spectra.ell is not None else np.arange(1, len(spectra.ratio) + 1)
+        ax.plot(x, spectra.simulated, "k-", label="simulated")
+        ax.plot(x, spectra.emulated, "C1--", label="emulated")
+        ax.set_yscale("log")
         ax.set_xlabel(r"$\ell$" if spectra.ell is not None else "bin")
         ax.set_ylabel("power")
         ax.legend(fontsize="small")
@@ -587,9 +589,10 @@ def plot_emulated_maps(
             x, spectra.ratio - spectra.ratio_error, spectra.ratio + spectra.ratio_error, color="C1", alpha=0.3
         )
         ax.plot(x, spectra.ratio, "C1o-", ms=3)
-        ax.set_xscale("log")
         for axis in fig.axes[-2:]:
-            axis.xaxis.set_minor_formatter(NullFormatter())  # labelled minor ticks collide on a short log range
+            if spectra.ell is not None:
+                axis.set_xscale("log")
+                axis.xaxis.set_minor_formatter(NullFormatter())  # labelled minor ticks collide on a short log range
         ax.set_xlabel(r"$\ell$" if spectra.ell is not None else "bin")
         ax.set_ylabel("emulated / simulated")
     names = list(parameter_names) if parameter_names is not None else [f"θ{i}" for i in range(len(theta))]
