@@ -211,7 +211,14 @@ def corner(
     if truth_values is not None:
         handles.append(Line2D([], [], color=TRUTH_COLOR, marker="*", label="true value"))
     handles.append(Line2D([], [], color="gray", linestyle="solid", label=f"HPD {levels_text} (solid, dashed)"))
-    fig.legend(handles=handles, loc="upper right", frameon=False)
+    # In the empty upper triangle, below the title.
+    fig.legend(
+        handles=handles,
+        loc="upper left",
+        bbox_to_anchor=(1.0 / dim + 0.03, 0.93 if title else 0.99),
+        fontsize="small",
+        frameon=False,
+    )
     if title:
         fig.suptitle(title)
     return fig
