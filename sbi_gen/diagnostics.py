@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -181,10 +182,21 @@ def _nle_posterior(nle: Any, options: dict[str, Any]) -> BatchedPosterior:
 
     def sample(x: Tensor, n: int, seed: int) -> Tensor:
         x = _as_tensor(x)
-        draws = []
-        for i in range(len(x)):
-            posterior = nle.posterior(x[i], seed=seed + i, **options)
-            draws.append(posterior.sample((n,)).cpu())
+        draws, worst_rhat = [], []
+        # One summary warning for the whole batch instead of one per observation.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="MCMC chains have not mixed")
+            for i in range(len(x)):
+                posterior = nle.posterior(x[i], seed=seed + i, **options)
+                draws.append(posterior.sample((n,)).cpu())
+                worst_rhat.append(float(posterior.mcmc.rhat.max()) if posterior.mcmc is not None else math.nan)
+        unmixed = [r for r in worst_rhat if r > 1.05]
+        if unmixed:
+            warnings.warn(
+                f"MCMC chains have not mixed for {len(unmixed)} of {len(x)} observations (R-hat up to {max(unmixed):.3f}); "
+                "raise mcmc_options['warmup'] or check for multimodal posteriors",
+                stacklevel=2,
+            )
         return torch.stack(draws, dim=1)
 
     @torch.no_grad()
