@@ -2,7 +2,7 @@ r"""Figures for papers and reports: arrays (or diagnostic results) in, matplotli
 
 Every function returns a :class:`matplotlib.figure.Figure` built without ``pyplot`` (so it
 works headless and in threads); save it with ``fig.savefig(path)`` or :func:`save_figure`.
-In a notebook, a returned figure displays itself.
+In a notebook with the inline backend (``%matplotlib inline``), a returned figure displays itself.
 
 - :func:`corner` — 1-D marginals and 2-D highest-density contours (68% and 95% by default)
   of one or several posteriors, overlaid with a legend, true values marked, labels with units.
