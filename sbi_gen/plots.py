@@ -18,7 +18,7 @@ Example:
     >>> import numpy as np
     >>> rng = np.random.default_rng(0)
     >>> fig = corner(rng.normal(size=(2000, 3)), labels=["a", "b [m]", "c"], truth=[0, 0, 0])
-    >>> len(fig.axes)
+    >>> len([ax for ax in fig.axes if ax.get_label() != "legend"])
     6
 """
 
@@ -122,14 +122,15 @@ def corner(
         figsize: Inches per panel.
 
     Returns:
-        A figure with ``D (D + 1) / 2`` axes (the upper triangle is left empty).
+        A figure with ``D (D + 1) / 2`` panels, and for ``D > 1`` one more axes (labelled
+        ``"legend"``, no frame) holding the legend in the empty upper triangle.
 
     Example:
         >>> import numpy as np
         >>> rng = np.random.default_rng(0)
         >>> fig = corner({"NPE": rng.normal(size=(1000, 2)), "reference": rng.normal(size=(1000, 2))},
         ...              labels=["x", "y"], truth=[0.1, -0.2])
-        >>> [ax.get_xlabel() for ax in fig.axes][-2:]
+        >>> [ax.get_xlabel() for ax in fig.axes if ax.get_xlabel()]
         ['x', 'y']
     """
     sets = _named_sets(samples)
@@ -211,14 +212,12 @@ def corner(
     if truth_values is not None:
         handles.append(Line2D([], [], color=TRUTH_COLOR, marker="*", label="true value"))
     handles.append(Line2D([], [], color="gray", linestyle="solid", label=f"HPD {levels_text} (solid, dashed)"))
-    # In the empty upper triangle, below the title.
-    fig.legend(
-        handles=handles,
-        loc="upper left",
-        bbox_to_anchor=(1.0 / dim + 0.03, 0.93 if title else 0.99),
-        fontsize="small",
-        frameon=False,
-    )
+    if dim > 1:  # in the empty upper triangle, in an axes of its own so it never covers a panel
+        slot = fig.add_subplot(grid[0, 1:], label="legend")
+        slot.axis("off")
+        slot.legend(handles=handles, loc="upper left", fontsize="small", frameon=False)
+    else:
+        fig.legend(handles=handles, loc="upper right", fontsize="small", frameon=False)
     if title:
         fig.suptitle(title)
     return fig
