@@ -82,9 +82,13 @@ def save(model: NPE | NLE, path: str | os.PathLike[str]) -> Path:
     return path
 
 
-def load_model(path: str | os.PathLike[str], device: str = "cpu") -> NPE | NLE:
-    """Load a checkpoint directory written by :func:`save` onto ``device``."""
-    path = Path(path)
+def _read_checkpoint(path: Path, fmt: str, what: str, device: str) -> tuple[dict[str, Any], dict[str, Any], torch.device]:
+    """``(config, state dict, device)`` of a checkpoint directory, read safely.
+
+    The config must carry ``format == fmt``; the weights are read with
+    ``torch.load(weights_only=True)`` and must be a dict of tensors. Every problem is a
+    one-line :class:`CheckpointError` naming the file.
+    """
     if not path.exists():
         raise CheckpointError(f"no such checkpoint: {path}")
     if not path.is_dir():
@@ -96,12 +100,10 @@ def load_model(path: str | os.PathLike[str], device: str = "cpu") -> NPE | NLE:
         config = json.loads((path / "config.json").read_text())
     except (OSError, ValueError) as error:
         raise CheckpointError(f"{path / 'config.json'} is not valid JSON: {error}") from None
-    if not isinstance(config, dict) or config.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not an sbi_gen model checkpoint (format is not {FORMAT!r})")
+    if not isinstance(config, dict) or config.get("format") != fmt:
+        raise CheckpointError(f"{path} is not an sbi_gen {what} (format is not {fmt!r})")
     if int(config.get("format_version", -1)) > FORMAT_VERSION:
         raise CheckpointError(f"{path} was written by a newer sbi_gen (format {config['format_version']})")
-    if config.get("method") not in _METHODS:
-        raise CheckpointError(f"{path}: unknown method {config.get('method')!r}")
     device_ = resolve_device(device)
     try:
         state = torch.load(path / "weights.pt", map_location=device_, weights_only=True)
@@ -113,6 +115,15 @@ def load_model(path: str | os.PathLike[str], device: str = "cpu") -> NPE | NLE:
         raise CheckpointError(f"{path / 'weights.pt'} is corrupt or not a weights file: {str(error).splitlines()[0]}") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path / 'weights.pt'} is not a state dict of tensors")
+    return config, state, device_
+
+
+def load_model(path: str | os.PathLike[str], device: str = "cpu") -> NPE | NLE:
+    """Load a checkpoint directory written by :func:`save` onto ``device``."""
+    path = Path(path)
+    config, state, device_ = _read_checkpoint(path, FORMAT, "model checkpoint", device)
+    if config.get("method") not in _METHODS:
+        raise CheckpointError(f"{path}: unknown method {config.get('method')!r}")
 
     model = _METHODS[config["method"]](
         prior_from_dict(config["prior"]),
@@ -175,30 +186,7 @@ def load_emulator(path: str | os.PathLike[str], device: str = "cpu") -> MapEmula
     from sbi_gen.emulator import MapEmulator
 
     path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"no such emulator directory: {path}" if not path.exists() else f"{path} is not an emulator directory")
-    for name in ("config.json", "weights.pt"):
-        if not (path / name).exists():
-            raise CheckpointError(f"{path} is not a complete emulator checkpoint: {name} is missing")
-    try:
-        config = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError) as error:
-        raise CheckpointError(f"{path / 'config.json'} is not valid JSON: {error}") from None
-    if not isinstance(config, dict) or config.get("format") != EMULATOR_FORMAT:
-        raise CheckpointError(f"{path} is not an sbi_gen emulator (format is not {EMULATOR_FORMAT!r})")
-    if int(config.get("format_version", -1)) > FORMAT_VERSION:
-        raise CheckpointError(f"{path} was written by a newer sbi_gen (format {config['format_version']})")
-    device_ = resolve_device(device)
-    try:
-        state = torch.load(path / "weights.pt", map_location=device_, weights_only=True)
-    except pickle.UnpicklingError:
-        raise CheckpointError(
-            f"{path / 'weights.pt'} is corrupt or holds more than plain tensors; refusing to unpickle it"
-        ) from None
-    except (RuntimeError, OSError, EOFError, ValueError) as error:
-        raise CheckpointError(f"{path / 'weights.pt'} is corrupt or not a weights file: {str(error).splitlines()[0]}") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{path / 'weights.pt'} is not a state dict of tensors")
+    config, state, device_ = _read_checkpoint(path, EMULATOR_FORMAT, "emulator", device)
     try:
         emulator = MapEmulator(**config["emulator"], metadata=config.get("metadata"))
         emulator.load_state_dict(state)

@@ -195,7 +195,7 @@ def test_cli_train_emulator_and_emulate(maps_file, tmp_path, capsys):
     for argv, fragment in (
         (["emulate", str(model), "--theta", "0.3,0.8", "--out", str(out)], "takes 3 (Omega_m, sigma_8, w_0)"),
         (["emulate", str(model), "--theta", "a,b,c", "--out", str(out)], "comma-separated"),
-        (["emulate", str(tmp_path / "nothing"), "--theta", "0.3,0.8,-1", "--out", str(out)], "no such emulator"),
+        (["emulate", str(tmp_path / "nothing"), "--theta", "0.3,0.8,-1", "--out", str(out)], "no such checkpoint"),
         (
             ["train-emulator", str(maps_file), "--hyperparameters", '{"layers": 3}', "--out", str(tmp_path / "x")],
             "unknown hyperparameters",
