@@ -19,11 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from compare_sbi import run_ours  # same folder: `python benchmarks/compare_estimators.py`
+from compare_sbi import run_ours, task_setup  # same folder: `python benchmarks/compare_estimators.py`
 
-import simulators
 from sbi_gen.c2st import c2st
-from sbi_gen.simulate import simulate
 
 ESTIMATORS = ["nsf", "vae", "diffusion"]
 
@@ -44,16 +42,13 @@ def main() -> None:
 
     results = []
     for task_name in args.tasks:
-        task = simulators.get(task_name)
-        data = simulate(task, n=args.n_simulations, seed=args.seed)
-        _, observations = task.observations(args.n_obs, seed=args.seed + 1)
-        references = [task.reference_posterior(x_o, args.n_samples, seed=i) for i, x_o in enumerate(observations)]
+        task, theta, x, observations, references = task_setup(task_name, args)
         for kind in args.kinds:
             for estimator in args.estimators:
                 torch.manual_seed(args.seed)
                 started = time.perf_counter()
                 samples, train, sample = run_ours(
-                    kind, task, data["theta"], data["x"], observations, args.n_samples, args.seed, estimator
+                    kind, task, theta, x, observations, args.n_samples, args.seed, estimator
                 )
                 scores = [c2st(ref, s) for ref, s in zip(references, samples)]
                 row = {"task": task_name, "kind": kind, "estimator": estimator, "c2st": float(np.mean(scores)),

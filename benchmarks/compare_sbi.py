@@ -126,6 +126,17 @@ def run_zuko(task, theta, x, observations, n_samples, seed):
     return samples, train, time.perf_counter() - started
 
 
+def task_setup(task_name: str, args: argparse.Namespace) -> tuple:
+    """``(task, theta, x, observations, references)``: the one training set and the reference
+    posteriors every method of a comparison is scored on (``args``: n_simulations, n_obs,
+    n_samples, seed)."""
+    task = simulators.get(task_name)
+    data = simulate(task, n=args.n_simulations, seed=args.seed)
+    _, observations = task.observations(args.n_obs, seed=args.seed + 1)
+    references = [task.reference_posterior(x_o, args.n_samples, seed=i) for i, x_o in enumerate(observations)]
+    return task, data["theta"], data["x"], observations, references
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", nargs="+", default=["two_moons", "slcp", "gaussian_linear"])
@@ -143,11 +154,7 @@ def main() -> None:
 
     results = []
     for task_name in args.tasks:
-        task = simulators.get(task_name)
-        data = simulate(task, n=args.n_simulations, seed=args.seed)
-        theta, x = data["theta"], data["x"]
-        _, observations = task.observations(args.n_obs, seed=args.seed + 1)
-        references = [task.reference_posterior(x_o, args.n_samples, seed=i) for i, x_o in enumerate(observations)]
+        task, theta, x, observations, references = task_setup(task_name, args)
         for method in args.methods:
             if method == "zuko":
                 samples, train, sample = run_zuko(task, theta, x, observations, args.n_samples, args.seed)
