@@ -35,20 +35,13 @@ def _json_object(text: str | None, flag: str, example: str) -> dict[str, Any]:
     return value
 
 
-def _train_config(args: argparse.Namespace, **extra: Any) -> Any:
-    """The :class:`~sbi_gen.train.TrainConfig` of the training options shared by the train commands."""
+def _train_config(args: argparse.Namespace, defaults: dict[str, Any], **extra: Any) -> Any:
+    """The :class:`~sbi_gen.train.TrainConfig` of the training options shared by the train commands;
+    options not given on the command line take their value from ``defaults``, then TrainConfig's."""
     from sbi_gen.train import TrainConfig
 
-    return TrainConfig(
-        batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
-        max_epochs=args.max_epochs,
-        patience=args.patience,
-        seed=args.seed,
-        device=args.device,
-        progress=not args.quiet,
-        **extra,
-    )
+    given = {name: getattr(args, name) for name in _TRAINING_OPTIONS if getattr(args, name) is not None}
+    return TrainConfig(**{**defaults, **given, "seed": args.seed, "device": args.device, "progress": not args.quiet, **extra})
 
 
 def _simulator(name: str, config: str | None) -> Any:
@@ -136,7 +129,8 @@ def _cmd_train(args: argparse.Namespace) -> None:
     estimator_kwargs = _json_object(args.estimator_kwargs, "--estimator-kwargs", '{"transforms": 3}')
     method = {"npe": NPE, "nle": NLE}[args.method]
     model = method(None, args.estimator, embedding=args.embedding, estimator_kwargs=estimator_kwargs, device=args.device)
-    config = _train_config(args, streaming={"auto": None, "on": True, "off": False}[args.streaming])
+    streaming = {"auto": None, "on": True, "off": False}[args.streaming]
+    config = _train_config(args, ESTIMATORS[args.estimator].training_defaults, streaming=streaming)
     # Under torchrun every process trains its shard of the same model; rank 0 alone reports and saves.
     distributed.init_from_env(args.device)
     main = distributed.is_main_process()
@@ -273,7 +267,7 @@ def _cmd_train_emulator(args: argparse.Namespace) -> None:
 
     hyperparameters = _json_object(args.hyperparameters, "--hyperparameters", '{"channels": [16, 32]}')
     info = read_info(args.data)
-    config = _train_config(args)
+    config = _train_config(args, {"batch_size": 64, "max_epochs": 200})
     print(f"training a {args.family} emulator on {info['n_valid']:,} valid maps of {info['simulator']}")
     try:
         emulator, history = train_emulator(args.data, args.family, hyperparameters, config=config)
@@ -387,22 +381,35 @@ _positive_int = _integer_at_least(1, "positive")
 _non_negative_int = _integer_at_least(0, "non-negative")
 
 
-def _positive_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text}")
-    return value
+def _positive_number(what: str) -> Callable[[str], float]:
+    """An argparse type: a positive number, with a one-line message otherwise."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a positive {what}, got {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"expected a positive {what}, got {text}")
+        return value
+
+    return parse
 
 
-def _training_options(parser: argparse.ArgumentParser, batch_size: int, max_epochs: int) -> None:
+_positive_seconds = _positive_number("number of seconds")
+_positive_float = _positive_number("number")
+
+
+_TRAINING_OPTIONS = ("batch_size", "learning_rate", "max_epochs", "patience")
+
+
+def _training_options(parser: argparse.ArgumentParser, defaults: str) -> None:
     """The options read by :func:`_train_config` (with ``--quiet``, added by each command)."""
-    parser.add_argument("--batch-size", type=_positive_int, default=batch_size)
-    parser.add_argument("--learning-rate", type=float, default=1e-3)
-    parser.add_argument("--max-epochs", type=_positive_int, default=max_epochs)
-    parser.add_argument("--patience", type=_positive_int, default=20)
+    default = f"default: {defaults}"
+    parser.add_argument("--batch-size", type=_positive_int, default=None, help=default)
+    parser.add_argument("--learning-rate", type=_positive_float, default=None, help=default)
+    parser.add_argument("--max-epochs", type=_positive_int, default=None, help=default)
+    parser.add_argument("--patience", type=_positive_int, default=None, help=f"epochs without improvement before stopping ({default})")
     parser.add_argument("--seed", type=_non_negative_int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
 
@@ -441,7 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--estimator-kwargs", default=None, help="estimator hyperparameters as a JSON object")
     p.add_argument("--embedding", default=None, help="embedding of x for NPE: identity (default for vectors), mlp, resmlp, cnn (default for maps)")
     p.add_argument("--out", required=True, help="output model directory")
-    _training_options(p, batch_size=256, max_epochs=1000)
+    _training_options(p, "the estimator's recommendation, see `NPE.train_config`")
     p.add_argument("--streaming", choices=["auto", "on", "off"], default="auto",
                    help="stream the file from disk instead of loading it (auto: when it would fill a quarter of the free memory)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -481,7 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--family", choices=["diffusion", "vae"], default="diffusion", help="generative model (default diffusion)")
     p.add_argument("--hyperparameters", default=None, help="hyperparameters of the family as a JSON object")
     p.add_argument("--out", required=True, help="output emulator directory")
-    _training_options(p, batch_size=64, max_epochs=200)
+    _training_options(p, "batch size 64, at most 200 epochs, TrainConfig's learning rate and patience")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train_emulator)
 

@@ -133,12 +133,23 @@ class _Method(abc.ABC):
             self.x_shape = x_shape
             self.estimator = self._build(self.prior.dim, x_shape)
         # A given config decides the device (``"auto"`` included); without one, the model's device.
-        config = config or TrainConfig(device=str(self.device))
+        config = config or self.train_config()
         self.device = resolve_device(config.device)
         y_key, c_key = self._file_roles
         self.history = fit(self.estimator, training_data, config=config, y_key=y_key, c_key=c_key)
         self.estimator.to(self.device)
         return self.history
+
+    def train_config(self, **overrides: Any) -> TrainConfig:
+        """The estimator family's recommended :class:`~sbi_gen.train.TrainConfig` on this model's
+        device, with ``overrides`` (any ``TrainConfig`` field) applied.
+
+        Example:
+            >>> NPE(None, "diffusion").train_config(progress=False).progress
+            False
+        """
+        defaults = ESTIMATORS[self.estimator_name].training_defaults
+        return TrainConfig(**{"device": str(self.device), **defaults, **overrides})
 
     def _require_fitted(self) -> ConditionalEstimator:
         if self.estimator is None or self.x_shape is None:

@@ -259,6 +259,10 @@ class ConditionalEstimator(nn.Module, abc.ABC):
     """
 
     name: ClassVar[str]
+    #: :class:`~sbi_gen.train.TrainConfig` fields this family trains best with (chosen by
+    #: measurement, see the subclass's docstring). NPE/NLE use them when ``fit`` gets no config,
+    #: ``NPE.train_config(**overrides)`` starts from them and the CLI fills unset options with them.
+    training_defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(
         self,
