@@ -36,7 +36,6 @@ import simulators
 from sbi_gen.c2st import c2st
 from sbi_gen.inference import NLE, NPE
 from sbi_gen.simulate import simulate
-from sbi_gen.train import TrainConfig
 
 METHODS = ["ours-npe", "ours-nle", "sbi-npe", "sbi-nle", "zuko"]
 # The other generative families behind the same interface (``ours-KIND-ESTIMATOR``).
@@ -55,7 +54,7 @@ def _sbi_prior(task):
 def run_ours(kind, task, theta, x, observations, n_samples, seed, estimator="nsf"):
     model = (NPE if kind == "npe" else NLE)(task.prior, estimator)
     started = time.perf_counter()
-    model.fit((theta, x), config=TrainConfig(progress=False, seed=seed))
+    model.fit((theta, x), config=model.train_config(progress=False, seed=seed))
     train = time.perf_counter() - started
     samples, started = [], time.perf_counter()
     for x_o in observations:
