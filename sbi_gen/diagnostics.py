@@ -121,10 +121,12 @@ def as_batched_posterior(
     prior's support, whose bijection is part of the estimator); ``log_prob`` is the
     estimator's density. SBC with 1,000 observations × 1,000 draws is 1,000,000 flow samples.
 
-    NLE: each observation runs its own vectorized MCMC (:func:`sbi_gen.mcmc.run_mcmc`, by
-    default 20 chains and 50 warm-up sweeps, thinned by 2 so that ranks are not inflated by
-    autocorrelation): about ``2 n / 20 + 50`` sweeps of batched likelihood calls per
-    observation, i.e. seconds each, so use tens to hundreds of observations, not thousands.
+    NLE: each observation runs its own vectorized MCMC (:meth:`~sbi_gen.inference.NLE.posterior`'s
+    default, independence Metropolis-Hastings with ``clip(n / 40, 100, 250)`` chains and 30
+    warm-up steps, thinned by 2 so that ranks are not inflated by rejections; ``mcmc_options``
+    override it): about ``2 n + 30 C`` likelihood rows per observation after 10,000 for the
+    chains' start, a fraction of a second to seconds each, so use tens to hundreds of
+    observations, not thousands.
     ``log_prob`` is the unnormalized :math:`\log p(\theta) + \log q(x \mid \theta)`.
 
     Anything that already is a :class:`BatchedPosterior` is returned unchanged.
@@ -140,7 +142,7 @@ def as_batched_posterior(
     if method == "npe":
         return _npe_posterior(model, batch_size)
     if method == "nle":
-        return _nle_posterior(model, {"n_chains": 20, "warmup": 50, "thin": 2, **(mcmc_options or {})})
+        return _nle_posterior(model, {"thin": 2, **(mcmc_options or {})})
     raise TypeError(f"cannot diagnose {type(model).__name__}: expected a fitted NPE, NLE or a BatchedPosterior")
 
 

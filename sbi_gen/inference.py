@@ -334,18 +334,25 @@ class NLE(_Method):
         self,
         x_obs: Any,
         *,
-        sampler: str = "slice",
-        n_chains: int = 100,
-        warmup: int = 100,
+        sampler: str = "imh",
+        n_chains: int | None = None,
+        warmup: int | None = None,
         thin: int = 1,
         seed: int = 0,
     ) -> NLEPosterior:
-        """The posterior given ``x_obs``: one observation ``x_shape`` or several i.i.d. ``(m, *x_shape)``.
+        r"""The posterior given ``x_obs``: one observation ``x_shape`` or several i.i.d. ``(m, *x_shape)``.
 
         Sampling options go to :func:`sbi_gen.mcmc.run_mcmc` (``sampler="hmc"`` differentiates
-        through the estimator). The defaults (100 vectorized chains, 100 warm-up steps) were
-        measured there: the cost follows the number of batched likelihood calls, so many short
-        chains beat few long ones.
+        through the estimator). The default sampler is population-adapted independence
+        Metropolis-Hastings (:func:`sbi_gen.mcmc.imh_sample`): one likelihood row per chain and
+        step where slice sampling needs about 5 per dimension, and global proposals that jump
+        between modes. On two_moons (NSF likelihood, 10,000 draws) it took 1.1 s for C2ST
+        0.517 against slice sampling's 24 s for 0.537. ``n_chains=None`` runs
+        ``clip(n / 40, 100, 250)`` chains for ``n`` draws with ``imh`` (the population is the
+        proposal; 40 draws per chain keep :math:`\hat R` meaningful), 100 otherwise;
+        ``warmup=None`` is 30 steps with ``imh`` and 100 otherwise (slice and HMC adapt their
+        frame over it). Where the posterior is far from what a Gaussian mixture of the chains
+        can cover (acceptance in ``posterior.mcmc.acceptance`` below about 0.2) use ``"slice"``.
         """
         return NLEPosterior(self, self._observations(x_obs, allow_many=True), sampler, n_chains, warmup, thin, seed)
 
@@ -367,7 +374,9 @@ class NLEPosterior(Distribution):
 
     arg_constraints: dict = {}
 
-    def __init__(self, nle: NLE, x_obs: Tensor, sampler: str, n_chains: int, warmup: int, thin: int, seed: int):
+    def __init__(
+        self, nle: NLE, x_obs: Tensor, sampler: str, n_chains: int | None, warmup: int | None, thin: int, seed: int
+    ):
         assert nle.prior is not None
         self.nle = nle
         self.prior = nle.prior
@@ -396,12 +405,15 @@ class NLEPosterior(Distribution):
     def sample(self, sample_shape: torch.Size | Sequence[int] = torch.Size()) -> Tensor:
         shape = torch.Size(sample_shape)
         n = max(math.prod(shape), 1)
+        imh = self.sampler == "imh"
+        n_chains = self.n_chains or (min(max(n // 40, 100), 250) if imh else 100)
+        warmup = self.warmup if self.warmup is not None else (30 if imh else 100)
         self.mcmc = run_mcmc(
             self.log_prob,
             self.prior,
             n,
-            n_chains=self.n_chains,
-            warmup=self.warmup,
+            n_chains=n_chains,
+            warmup=warmup,
             thin=self.thin,
             sampler=self.sampler,
             seed=self.seed,

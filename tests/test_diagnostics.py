@@ -217,7 +217,7 @@ def test_nle_batched_posterior_samples_each_observation_by_mcmc(pairs, training_
     prior = Gaussian([0.0, 0.0], scale=1.0)
     nle = NLE(prior, "maf", estimator_kwargs={"transforms": 2, "hidden_features": [32, 32]})
     nle.fit(training_pairs, config=TrainConfig(max_epochs=40, progress=False, seed=0))
-    post = as_batched_posterior(nle, mcmc_options={"n_chains": 10, "warmup": 20})
+    post = as_batched_posterior(nle)  # independence MH, 100 chains
     draws = post.sample(x[:2], 100, 0)
     assert draws.shape == (100, 2, 2) and torch.isfinite(draws).all()
     # the two observations get their own posteriors, centred near x / 2 (posterior sd 0.71)
