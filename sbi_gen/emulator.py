@@ -53,8 +53,10 @@ __all__ = [
     "FAMILIES",
     "DiffusionMaps",
     "MapEmulator",
+    "PixelComparison",
     "SpectrumComparison",
     "VAEMaps",
+    "compare_pixel_histograms",
     "compare_power_spectra",
     "plot_emulated_maps",
     "train_emulator",
@@ -62,6 +64,8 @@ __all__ = [
 
 # Relative floor of a standard deviation used for z-scoring (as the estimators').
 _STD_FLOOR = 1e-6
+# Training rows whose mean periodogram initializes the spectral base of a diffusion emulator.
+_SPECTRUM_FIT_ROWS = 20_000
 # Seed of the noise of the loss in eval mode: validation losses of successive epochs use common
 # random numbers, so that early stopping compares models rather than draws.
 _VALIDATION_SEED = 20_240_602
@@ -77,9 +81,25 @@ def _seeded(module: nn.Module, like: Tensor) -> torch.Generator | None:
 class DiffusionMaps(nn.Module):
     r"""Conditional diffusion model of standardized maps given standardized θ.
 
-    Noise predictor :math:`\epsilon(x_t, t, \theta) = \sigma(t)\, x_t + \mathrm{UNet}(x_t; [e(t), \theta])`
-    (the first term is exact for white standard normal maps, so the U-Net learns the departure
-    from them), trained by the denoising loss with stratified :math:`t` and sampled by any of
+    Noise predictor :math:`\epsilon(x_t, t, \theta) = W_{t,\theta} x_t + \mathrm{UNet}(x_t; [e(t), \theta])`.
+    The base :math:`W_{t,\theta}` (``spectral_base=True``) is the exact noise predictor of a
+    homogeneous isotropic Gaussian field: in Fourier space the gain
+    :math:`\sigma / (\alpha^2 P_\theta(|k|) + \sigma^2)` per mode, with the log power
+    :math:`\ln P_\theta` per shell of equal :math:`|k|` an MLP of θ, fitted by Whittle's
+    likelihood of the clean maps' periodograms (added to the loss) as well as by the denoising
+    loss; the U-Net starts almost silent and learns the departures (non-Gaussianity). With
+    ``spectral_base=False`` the base is :math:`\sigma(t) x_t`, exact only for white maps.
+
+    Why: the denoising loss weighs every Fourier mode alike, and the few large-scale modes of a
+    map hardly count in it, so a U-Net alone learned their power poorly. On 16 x 16 Gaussian
+    maps (3,000 simulations, 12 epochs, channels (16, 32)) without the spectral base the mean
+    emulated spectrum was off by up to 21 % in the lowest multipole bin, and by 8–15 % elsewhere
+    at some θ (``benchmarks/bench_emulator.py``). With the spectral base (initialized at the
+    training maps' mean periodogram, :meth:`initialize_spectrum`), at 4 held-out θ every bin
+    above the lowest is within 6 %, but the lowest bin (the fundamental modes) is still 14–23 %
+    low: the 10 % target is not met there at this training size.
+
+    Trained by the denoising loss with stratified :math:`t` and sampled by any of
     :data:`sbi_gen.estimators.diffusion.SAMPLERS` (default: Heun on the probability-flow ODE,
     32 steps = 64 U-Net evaluations; with the exact score of a Gaussian its error is below
     1e-3 standard deviations, while DDPM at the same cost narrows distributions by 2–3 %).
@@ -96,6 +116,8 @@ class DiffusionMaps(nn.Module):
         t_min: Smallest diffusion time.
         sampler: Key of ``SAMPLERS``.
         sampler_steps: Steps of the sampler (``None``: 32 for ``"heun"``, the function's default otherwise).
+        spectral_base: Use the learned Gaussian-field base above (maps must be statistically
+            homogeneous and isotropic for it to help; it is exact only for Gaussian ones).
     """
 
     def __init__(
@@ -112,6 +134,7 @@ class DiffusionMaps(nn.Module):
         t_min: float = 1e-3,
         sampler: str = "heun",
         sampler_steps: int | None = None,
+        spectral_base: bool = True,
     ):
         super().__init__()
         if sampler not in SAMPLERS:
@@ -122,6 +145,7 @@ class DiffusionMaps(nn.Module):
         self.schedule = VPSchedule(float(beta_min), float(beta_max), float(t_min))
         self.sampler = str(sampler)
         self.sampler_steps = None if sampler_steps is None else int(sampler_steps)
+        self.spectral_base = bool(spectral_base)
         self.time = DiffusionTimeEmbedding(self.time_features)
         self.unet = UNet(
             1,
@@ -131,6 +155,19 @@ class DiffusionMaps(nn.Module):
             embedding=self.embedding,
             blocks=self.blocks,
         )
+        if self.spectral_base:
+            shell, n_shells = _radial_shells(self.map_shape)
+            self.register_buffer("shell", shell, persistent=False)
+            self.spectrum = MLP(int(theta_dim), n_shells, hidden=(self.embedding, self.embedding))
+            # Start near white maps (log power 0), where the base is the former sigma(t) x_t.
+            with torch.no_grad():
+                self.spectrum[-1].weight.mul_(0.1)
+                self.spectrum[-1].bias.zero_()
+                # The U-Net starts almost silent, so the model starts as the Gaussian field's
+                # exact predictor and the U-Net learns departures from it (not exactly zero, so
+                # that every weight gets a gradient from the first step).
+                self.unet.head[-1].weight.mul_(0.01)
+                self.unet.head[-1].bias.zero_()
 
     def hyperparameters(self) -> dict[str, Any]:
         return {
@@ -143,19 +180,62 @@ class DiffusionMaps(nn.Module):
             "t_min": self.schedule.t_min,
             "sampler": self.sampler,
             "sampler_steps": self.sampler_steps,
+            "spectral_base": self.spectral_base,
         }
+
+    @torch.no_grad()
+    def initialize_spectrum(self, maps: Tensor) -> None:
+        """Start the spectral base at the mean periodogram per shell of standardized training maps ``(n, H, W)``.
+
+        That is the maximum-likelihood spectrum ignoring θ; training then learns its θ
+        dependence (from a bias of 0, log powers of several units take an optimizer thousands
+        of steps).
+        """
+        if not self.spectral_base:
+            return
+        total = torch.zeros(self.shell.shape, dtype=torch.float64, device=self.shell.device)
+        for chunk in maps[:_SPECTRUM_FIT_ROWS].split(1024):
+            total += torch.fft.rfft2(chunk.double().to(total.device)).abs().square().sum(0)
+        per_mode = (total / (min(len(maps), _SPECTRUM_FIT_ROWS) * math.prod(self.map_shape))).flatten()
+        shells = torch.zeros(int(self.shell.max()) + 1, dtype=torch.float64, device=total.device)
+        counts = torch.zeros_like(shells)
+        shells.index_add_(0, self.shell.flatten(), per_mode)
+        counts.index_add_(0, self.shell.flatten(), torch.ones_like(per_mode))
+        bias = self.spectrum[-1].bias
+        bias.copy_((shells / counts).clamp_min(1e-12).log().to(bias))
+
+    def log_power(self, theta: Tensor) -> Tensor:
+        """Learned log power per Fourier mode of standardized maps, θ ``(B, d)`` → ``(B, H, W // 2 + 1)`` (rfft2 grid)."""
+        if not self.spectral_base:
+            raise ValueError("this diffusion emulator has no spectral base (spectral_base=False)")
+        return self.spectrum(theta)[:, self.shell]
 
     def eps(self, x: Tensor, t: Tensor, theta: Tensor) -> Tensor:
         """Predicted noise: maps ``(B, H, W)``, times ``(B,)``, θ ``(B, d)`` → ``(B, H, W)``."""
         cond = torch.cat([self.time(t).to(x.dtype), theta], dim=-1)
-        return self.schedule.sigma(t)[:, None, None] * x + self.unet(x[:, None], cond)[:, 0]
+        sigma = self.schedule.sigma(t)[:, None, None]
+        if self.spectral_base:
+            # The exact noise predictor of a Gaussian field: per mode sigma / (alpha^2 P + sigma^2).
+            alpha2 = self.schedule.alpha(t).square()[:, None, None]
+            gain = sigma / (alpha2 * self.log_power(theta).exp() + sigma.square())
+            base = torch.fft.irfft2(gain * torch.fft.rfft2(x), s=self.map_shape)
+        else:
+            base = sigma * x
+        return base + self.unet(x[:, None], cond)[:, 0]
 
     def loss(self, x: Tensor, theta: Tensor) -> Tensor:
         """Denoising loss on standardized maps ``(B, H, W)`` and θ ``(B, d)``."""
         generator = _seeded(self, x)
         t = self.schedule.sample_time(x.shape[0], x, generator)
         x_t, noise = self.schedule.noise(x, t, generator)
-        return (self.eps(x_t, t, theta) - noise).square().mean()
+        denoising = (self.eps(x_t, t, theta) - noise).square().mean()
+        if not self.spectral_base:
+            return denoising
+        # Whittle's negative log-likelihood of the clean maps' periodogram: the spectrum is fitted
+        # to every mode of every map directly, not only through its small share of the denoising loss.
+        periodogram = torch.fft.rfft2(x).abs().square() / math.prod(self.map_shape)
+        log_power = self.log_power(theta)
+        return denoising + (log_power + periodogram * torch.exp(-log_power)).mean()
 
     def sample(self, theta: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """One standardized map per row of standardized θ ``(B, d)`` → ``(B, H, W)``."""
@@ -256,6 +336,17 @@ class VAEMaps(nn.Module):
 
 FAMILIES: dict[str, type[nn.Module]] = {"diffusion": DiffusionMaps, "vae": VAEMaps}
 """Emulator families by name: classes ``(map_shape, theta_dim, **hyperparameters)``."""
+
+
+def _radial_shells(map_shape: Sequence[int]) -> tuple[Tensor, int]:
+    """Index of each rfft2 mode's shell of equal ``|k|`` ``(H, W // 2 + 1)``, and the number of shells."""
+    height, width = (int(s) for s in map_shape)
+    ny = torch.fft.fftfreq(height, 1.0 / height).round().long()
+    nx = torch.fft.rfftfreq(width, 1.0 / width).round().long()
+    # |k|^2 in units of 1 / (H W)^2 cycles^2 per pixel^2: an integer, so equal shells compare exactly.
+    key = (ny[:, None] * width) ** 2 + (nx[None, :] * height) ** 2
+    shells, index = torch.unique(key, return_inverse=True)
+    return index, len(shells)
 
 
 def _conv(c_in: int, c_out: int) -> nn.Conv2d:
@@ -366,6 +457,8 @@ class MapEmulator(nn.Module):
             std = values.std(dim=dims) if values.numel() > mean.numel() else torch.ones_like(mean)
             mean_buffer.copy_(mean)
             std_buffer.copy_(torch.maximum(std, _STD_FLOOR * (1 + mean.abs())))
+        if hasattr(self.model, "initialize_spectrum"):
+            self.model.initialize_spectrum((y - self.map_mean.double()) / self.map_std.double())
 
     def _theta(self, theta: Tensor) -> Tensor:
         theta = torch.as_tensor(theta).to(device=self.theta_mean.device, dtype=self.theta_mean.dtype)
@@ -518,6 +611,130 @@ def compare_power_spectra(
     relative = np.sqrt(sim.var(0, ddof=1) / len(sim) / sim_mean**2 + emu.var(0, ddof=1) / len(emu) / emu_mean**2)
     return SpectrumComparison(
         sim_mean, emu_mean, ratio, np.abs(ratio) * relative, None if ell is None else np.asarray(ell)
+    )
+
+
+@dataclass(frozen=True)
+class PixelComparison:
+    r"""One-point (pixel) distributions of simulated and emulated maps at the same θ.
+
+    The pixels of one map are correlated, so no statistic here treats them as independent
+    draws: each map gives its histogram (the fraction of its pixels in each bin), its skewness
+    and its excess kurtosis, and the maps of each set are independent. Differences of the
+    set means then have standard errors from the map-to-map variances, and under the null
+    hypothesis (the emulator draws from the simulator's distribution) the central limit
+    theorem over maps makes
+
+    - each ``pulls`` entry, ``skewness_pull`` and ``kurtosis_pull`` standard normal;
+    - ``chi2 = d^T (C_s / m + C_e / n)^{-1} d``, with ``d`` the difference of the mean
+      histograms in the first ``bins - 1`` bins (the last is fixed by the others) and ``C``
+      the map-to-map covariances, chi-square with ``bins - 1`` degrees of freedom; ``p_value``
+      is its upper tail.
+
+    Attributes:
+        edges: Bin edges of the pixel values ``(bins + 1,)``: quantiles of all simulated pixels,
+            so each bin holds ``1 / bins`` of them, with open outer bins (``±inf``).
+        simulated: Mean fraction of a simulated map's pixels per bin ``(bins,)``.
+        emulated: The same for the emulated maps.
+        ratio: ``emulated / simulated``.
+        ratio_error: Standard error of ``ratio`` (delta method, as :class:`SpectrumComparison`).
+        skewness: Mean per-map skewness, ``(simulated, emulated)``.
+        kurtosis: Mean per-map excess kurtosis, ``(simulated, emulated)``.
+        skewness_pull: Difference of the two mean skewnesses over its standard error.
+        kurtosis_pull: The same for the excess kurtosis.
+        chi2: The histogram statistic above.
+        dof: Its degrees of freedom, ``bins - 1``.
+        p_value: Upper-tail probability of ``chi2`` under chi-square with ``dof`` degrees.
+    """
+
+    edges: np.ndarray
+    simulated: np.ndarray
+    emulated: np.ndarray
+    ratio: np.ndarray
+    ratio_error: np.ndarray
+    skewness: tuple[float, float]
+    kurtosis: tuple[float, float]
+    skewness_pull: float
+    kurtosis_pull: float
+    chi2: float
+    dof: int
+    p_value: float
+
+    @property
+    def pulls(self) -> np.ndarray:
+        """``(ratio - 1) / ratio_error`` per bin: about standard normal when the emulator is exact."""
+        return (self.ratio - 1.0) / self.ratio_error
+
+
+def _per_map_moments(maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Skewness and excess kurtosis of each map's pixels ``(k, H, W)`` → two ``(k,)`` arrays."""
+    centred = maps.reshape(len(maps), -1)
+    centred = centred - centred.mean(-1, keepdims=True)
+    variance = centred.var(-1) + np.finfo(np.float64).tiny
+    return (centred**3).mean(-1) / variance**1.5, (centred**4).mean(-1) / variance**2 - 3.0
+
+
+def compare_pixel_histograms(simulated: Any, emulated: Any, bins: int = 10) -> PixelComparison:
+    """Compare the pixel histograms, skewness and kurtosis of two sets of maps at the same θ.
+
+    Arguments:
+        simulated: Simulated maps ``(m, H, W)``, ``m >= bins`` (they also set the bin edges).
+        emulated: Emulated maps ``(n, H, W)``, ``n >= bins``.
+        bins: Number of equal-probability bins of the simulated pixel values.
+
+    Returns:
+        A :class:`PixelComparison` (statistics and their null distributions there).
+
+    Example:
+        >>> rng = np.random.default_rng(0)
+        >>> cmp = compare_pixel_histograms(rng.lognormal(size=(300, 8, 8)), rng.lognormal(size=(300, 8, 8)), bins=5)
+        >>> cmp.dof, bool(cmp.p_value > 1e-3), bool(np.all(np.abs(cmp.pulls) < 4))
+        (4, True, True)
+    """
+    sets = []
+    for maps in (simulated, emulated):
+        maps = maps.detach().cpu().numpy() if isinstance(maps, Tensor) else np.asarray(maps)
+        if maps.ndim != 3:
+            raise ValueError(f"expected maps (k, H, W), got shape {maps.shape}")
+        sets.append(maps.astype(np.float64))
+    bins = int(bins)
+    if bins < 2 or min(len(s) for s in sets) < bins:
+        raise ValueError(f"need at least 2 bins and at least `bins` maps per set, got {bins} bins and {[len(s) for s in sets]} maps")
+    edges = np.quantile(sets[0], np.linspace(0.0, 1.0, bins + 1))
+    edges[0], edges[-1] = -np.inf, np.inf
+    fractions = []
+    for maps in sets:
+        which = np.searchsorted(edges[1:-1], maps.reshape(len(maps), -1), side="right")  # (k, pixels) in 0..bins-1
+        flat = (np.arange(len(maps))[:, None] * bins + which).ravel()
+        fractions.append(np.bincount(flat, minlength=len(maps) * bins).reshape(len(maps), bins) / which.shape[1])
+    (sim, emu) = fractions
+    sim_mean, emu_mean = sim.mean(0), emu.mean(0)
+    ratio = emu_mean / sim_mean
+    relative = np.sqrt(sim.var(0, ddof=1) / len(sim) / sim_mean**2 + emu.var(0, ddof=1) / len(emu) / emu_mean**2)
+    difference = (emu_mean - sim_mean)[:-1]
+    covariance = np.atleast_2d(np.cov(sim[:, :-1].T) / len(sim) + np.cov(emu[:, :-1].T) / len(emu))
+    chi2 = float(difference @ np.linalg.lstsq(covariance, difference, rcond=None)[0])
+    from scipy.stats import chi2 as chi2_distribution
+
+    moments = [_per_map_moments(maps) for maps in sets]
+
+    def pull(i: int) -> float:
+        a, b = moments[0][i], moments[1][i]
+        return float((b.mean() - a.mean()) / np.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b)))
+
+    return PixelComparison(
+        edges,
+        sim_mean,
+        emu_mean,
+        ratio,
+        np.abs(ratio) * relative,
+        (float(moments[0][0].mean()), float(moments[1][0].mean())),
+        (float(moments[0][1].mean()), float(moments[1][1].mean())),
+        pull(0),
+        pull(1),
+        chi2,
+        bins - 1,
+        float(chi2_distribution.sf(chi2, bins - 1)),
     )
 
 
