@@ -95,6 +95,10 @@ class TrainConfig:
             chunks (up to 100,000 rows or 64 MiB).
         streaming_threshold: Bytes (as float32 tensors) above which ``streaming=None`` streams;
             ``None``: :func:`default_streaming_threshold`.
+        ema_decay: If set, an exponential moving average of the weights with this decay per
+            step (warmed up as ``min(decay, (1 + n) / (10 + n))`` after ``n`` steps) is what is
+            validated, kept as the best state and restored at the end; the optimizer keeps
+            training the raw weights. Helps models with noisy losses (diffusion).
     """
 
     batch_size: int = 256
@@ -112,6 +116,7 @@ class TrainConfig:
     progress: bool = True
     streaming: bool | None = None
     streaming_threshold: int | None = None
+    ema_decay: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "max_epochs", "patience", "lr_patience"):
@@ -127,6 +132,8 @@ class TrainConfig:
             raise ValueError(f"streaming must be True, False or None (auto), got {self.streaming!r}")
         if self.streaming_threshold is not None and int(self.streaming_threshold) <= 0:
             raise ValueError(f"streaming_threshold must be a positive number of bytes, got {self.streaming_threshold}")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in (0, 1) or None, got {self.ema_decay}")
 
 
 @dataclass
@@ -386,6 +393,7 @@ def _train(estimator: nn.Module, batches: _Batches, config: TrainConfig, device:
         optimizer, mode="min", factor=config.lr_factor, patience=config.lr_patience
     )
     history = History(n_train=batches.n_train, n_val=batches.n_val, streaming=batches.streaming, world_size=info.world_size)
+    ema = _WeightAverage(estimator, config.ema_decay) if config.ema_decay is not None else None
     best_state = copy.deepcopy(estimator.state_dict())
     bar = _progress(config) if info.rank == 0 else None
     started = time.perf_counter()
@@ -402,11 +410,15 @@ def _train(estimator: nn.Module, batches: _Batches, config: TrainConfig, device:
                     if config.clip_grad_norm is not None:
                         nn.utils.clip_grad_norm_(estimator.parameters(), config.clip_grad_norm)
                     optimizer.step()
+                    if ema is not None:
+                        ema.update()
                     running[0] += loss.detach()
                     running[1] += 1
             step.eval()
             # One host sync per epoch; sums over processes make every decision below identical on all.
             loss_sum, n_batches = all_reduce_sum(running).tolist()
+            if ema is not None:
+                ema.swap()  # validate (and keep as best) the averaged weights
             val_sum, n_val = all_reduce_sum(_loss_sums(estimator, batches.val(), device)).tolist()
             train_loss, val_loss = loss_sum / max(n_batches, 1), val_sum / max(n_val, 1)
             if not math.isfinite(train_loss):
@@ -422,6 +434,8 @@ def _train(estimator: nn.Module, batches: _Batches, config: TrainConfig, device:
                 epochs_since_best = 0
             else:
                 epochs_since_best += 1
+            if ema is not None:
+                ema.swap()  # back to the raw weights the optimizer trains
             scheduler.step(val_loss)
             if bar is not None:
                 bar.update(1)
@@ -436,6 +450,35 @@ def _train(estimator: nn.Module, batches: _Batches, config: TrainConfig, device:
     estimator.eval()
     history.seconds = time.perf_counter() - started
     return history
+
+
+class _WeightAverage:
+    """Exponential moving average of a module's floating-point parameters, swappable in place.
+
+    Every process applies the same update to the same (all-reduced) weights, so the averages
+    agree across processes without communication.
+    """
+
+    def __init__(self, module: nn.Module, decay: float):
+        self.decay = float(decay)
+        self.params = [p for p in module.parameters() if p.dtype.is_floating_point]
+        self.average = [p.detach().clone() for p in self.params]
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self) -> None:
+        # Warm-up: early averages would otherwise be dominated by the initial weights.
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        self.updates += 1
+        torch._foreach_lerp_(self.average, [p.detach() for p in self.params], 1.0 - decay)
+
+    @torch.no_grad()
+    def swap(self) -> None:
+        """Exchanges the module's weights and the averages (twice restores both)."""
+        for p, a in zip(self.params, self.average):
+            held = p.detach().clone()
+            p.copy_(a)
+            a.copy_(held)
 
 
 def _progress(config: TrainConfig) -> Any:

@@ -354,10 +354,31 @@ def test_sampler_options_and_errors():
         Diffusion(2, (3,), sampler="euler")
     with pytest.raises(ValueError, match="log_prob_method"):
         Diffusion(2, (3,), log_prob_method="rk4")
+    with pytest.raises(ValueError, match="time_power must be positive"):
+        Diffusion(2, (3,), time_power=0)
     with pytest.raises(ValueError, match="steps must be positive"):
         sample_heun(exact_eps, SCHEDULE, torch.zeros(2, 2, dtype=torch.float64), _context(2), steps=0)
     with pytest.raises(RuntimeError, match="more than 3 steps"):
         sample_dopri5(exact_eps, SCHEDULE, torch.zeros(2, 2, dtype=torch.float64), _context(2), steps=3)
+
+
+@pytest.mark.parametrize("power", [1.0, 3.0])
+def test_training_times_are_stratified_on_the_power_scale(power):
+    """Uniform in t^(1/p) on [t_min^(1/p), 1]: on that scale the sorted times of one batch are
+    evenly spaced by (1 - t_min^(1/p)) / n (one shared offset)."""
+    schedule = VPSchedule(t_min=1e-5)
+    n = 1000
+    t = schedule.sample_time(n, torch.zeros((), dtype=torch.float64), torch.Generator().manual_seed(0), power=power)
+    start = schedule.t_min ** (1 / power)
+    assert schedule.t_min <= float(t.min()) and float(t.max()) <= 1.0
+    gaps = t.sort().values.pow(1 / power).diff()
+    torch.testing.assert_close(gaps, torch.full_like(gaps, (1 - start) / n), atol=1e-12, rtol=1e-9)
+
+
+def test_training_defaults_are_train_config_fields_used_by_npe():
+    config = NPE(None, "diffusion").train_config(progress=False)
+    assert config == TrainConfig(progress=False, **Diffusion.training_defaults)
+    assert config.ema_decay is not None
 
 
 def test_validation_loss_uses_common_random_numbers():

@@ -92,3 +92,40 @@ def test_bad_inputs():
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="no CUDA GPU"):
             fit(est, (y, c), config=TrainConfig(device="cuda", progress=False))
+
+
+class _RecordingMean(torch.nn.Module):
+    """Estimates the mean of y by squared error, recording the weight at every loss call."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.calls = []  # (training?, weight)
+
+    def loss(self, y, c):
+        self.calls.append((self.training, float(self.w.detach())))
+        return (self.w - y).square().mean()
+
+
+def test_ema_weights_are_validated_and_restored():
+    y = 3.0 + 0.1 * torch.randn(640, 1, generator=torch.Generator().manual_seed(0))
+    module = _RecordingMean()
+    decay = 0.5  # reached after the warm-up (n = 8): both branches of min() are exercised
+    config = TrainConfig(max_epochs=2, batch_size=64, learning_rate=0.05, ema_decay=decay, progress=False)
+    history = fit(module, (y, torch.zeros(640, 1)), config=config, standardize=False)
+    train = [w for training, w in module.calls if training]
+    val = [w for training, w in module.calls if not training]
+    steps = len(train) // 2  # 576 training rows / 64 = 9 steps per epoch
+    # The average by hand: it starts at the initial weight, then lerps towards each post-step weight
+    # (the weight seen by the next training call) with the warmed-up decay.
+    average = train[0]
+    for n, w in enumerate(train[1 : steps + 1]):
+        d = min(decay, (1 + n) / (10 + n))
+        average = d * average + (1 - d) * w
+    assert val[0] == pytest.approx(average, rel=1e-6)
+    # The average lags the raw weights while they move towards 3, and the validated average of the
+    # best (last) epoch is what training leaves in the module.
+    assert val[-1] < train[-1]
+    assert history.best_epoch == 1 and float(module.w.detach()) == pytest.approx(val[-1], rel=1e-6)
+    with pytest.raises(ValueError, match="ema_decay"):
+        TrainConfig(ema_decay=1.0)
