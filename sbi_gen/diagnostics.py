@@ -123,8 +123,8 @@ def as_batched_posterior(
 
     NLE: each observation runs its own vectorized MCMC (:meth:`~sbi_gen.inference.NLE.posterior`'s
     default, independence Metropolis-Hastings with ``clip(n / 40, 100, 250)`` chains and 30
-    warm-up steps, thinned by 2 so that ranks are not inflated by rejections; ``mcmc_options``
-    override it): about ``2 n + 30 C`` likelihood rows per observation after 10,000 for the
+    warm-up steps, thinned by 3 so that ranks are not distorted by rejections; ``mcmc_options``
+    override it): about ``3 n + 30 C`` likelihood rows per observation after 10,000 for the
     chains' start, a fraction of a second to seconds each, so use tens to hundreds of
     observations, not thousands.
     ``log_prob`` is the unnormalized :math:`\log p(\theta) + \log q(x \mid \theta)`.
@@ -142,7 +142,7 @@ def as_batched_posterior(
     if method == "npe":
         return _npe_posterior(model, batch_size)
     if method == "nle":
-        return _nle_posterior(model, {"thin": 2, **(mcmc_options or {})})
+        return _nle_posterior(model, dict(mcmc_options or {}))
     raise TypeError(f"cannot diagnose {type(model).__name__}: expected a fitted NPE, NLE or a BatchedPosterior")
 
 

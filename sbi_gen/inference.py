@@ -337,7 +337,7 @@ class NLE(_Method):
         sampler: str = "imh",
         n_chains: int | None = None,
         warmup: int | None = None,
-        thin: int = 1,
+        thin: int | None = None,
         seed: int = 0,
     ) -> NLEPosterior:
         r"""The posterior given ``x_obs``: one observation ``x_shape`` or several i.i.d. ``(m, *x_shape)``.
@@ -352,7 +352,10 @@ class NLE(_Method):
         0.537 on a model trained in an earlier run). ``n_chains=None`` runs ``clip(n / 40, 100, 250)`` chains for ``n`` draws with ``imh`` (the population is the
         proposal; 40 draws per chain keep :math:`\hat R` meaningful), 100 otherwise;
         ``warmup=None`` is 30 steps with ``imh`` and 100 otherwise (slice and HMC adapt their
-        frame over it). Where the posterior is far from what a Gaussian mixture of the chains
+        frame over it); ``thin=None`` keeps every third step with ``imh`` and every step
+        otherwise: rejections repeat states, and on gaussian_linear (10-D) unthinned draws
+        scored C2ST 0.570, every second 0.561, every third 0.532 against slice sampling's 0.520
+        (at 1.3, 1.9, 2.3 and 152 s per 10,000 draws). Where the posterior is far from what a Gaussian mixture of the chains
         can cover (acceptance in ``posterior.mcmc.acceptance`` below about 0.2) use ``"slice"``.
         """
         return NLEPosterior(self, self._observations(x_obs, allow_many=True), sampler, n_chains, warmup, thin, seed)
@@ -376,7 +379,14 @@ class NLEPosterior(Distribution):
     arg_constraints: dict = {}
 
     def __init__(
-        self, nle: NLE, x_obs: Tensor, sampler: str, n_chains: int | None, warmup: int | None, thin: int, seed: int
+        self,
+        nle: NLE,
+        x_obs: Tensor,
+        sampler: str,
+        n_chains: int | None,
+        warmup: int | None,
+        thin: int | None,
+        seed: int,
     ):
         assert nle.prior is not None
         self.nle = nle
@@ -409,13 +419,14 @@ class NLEPosterior(Distribution):
         imh = self.sampler == "imh"
         n_chains = self.n_chains or (min(max(n // 40, 100), 250) if imh else 100)
         warmup = self.warmup if self.warmup is not None else (30 if imh else 100)
+        thin = self.thin or (3 if imh else 1)
         self.mcmc = run_mcmc(
             self.log_prob,
             self.prior,
             n,
             n_chains=n_chains,
             warmup=warmup,
-            thin=self.thin,
+            thin=thin,
             sampler=self.sampler,
             seed=self.seed,
         )
