@@ -14,6 +14,9 @@ generator, info, **options) -> Tensor (n_steps, C, D)``:
   so a correlated, badly scaled Gaussian becomes coordinate-wise independent.
 * :func:`hmc_sample` -- Hamiltonian Monte Carlo with autograd gradients, a dense metric
   adapted the same way and dual-averaging step size adaptation (Hoffman & Gelman 2014).
+* :func:`imh_sample` -- independence Metropolis-Hastings from a Gaussian mixture fitted to
+  the chain population during warm-up (:class:`MixtureProposal`): one potential row per chain
+  and step, and proposals that jump between modes. The default of NLE posteriors.
 
 :func:`run_mcmc` wraps them for a constrained-space log density and a prior: it samples in
 the prior's unconstrained space, starts chains by sampling-importance-resampling
@@ -476,6 +479,9 @@ class MixtureProposal:
         self.factor = _estimate_frame(states.detach())  # Cholesky factor of Sigma
         self.h = float(bandwidth) * k ** (-1.0 / (dim + 4))
         self.mean = states.detach().to(torch.float64).mean(dim=0)
+        # Whitened once: every log_prob call compares against them.
+        self._white_centers = self._whiten(self.centers).float()
+        self._white_mean = self._whiten(self.mean[None])
         self.weights = self.part_weights(gaussian_weight, defensive)
         self.dtype = states.dtype
 
@@ -492,11 +498,11 @@ class MixtureProposal:
         """Log densities of the kernel, Gaussian and defensive parts at ``x (N, D)``: ``(N, 3)`` in float64."""
         dim = x.shape[-1]
         norm = -0.5 * dim * math.log(2 * math.pi) - torch.log(torch.diagonal(self.factor)).sum()
-        z, centers = self._whiten(x), self._whiten(self.centers)
+        z = self._whiten(x)
         # Distances in single precision: the N x K matrix is the proposal's whole cost.
-        d2 = torch.cdist(z.float(), centers.float()).square().double() / self.h**2  # (N, K)
-        kernel = torch.logsumexp(-0.5 * d2, dim=1) - math.log(centers.shape[0]) - dim * math.log(self.h)
-        r2 = (z - self._whiten(self.mean[None])).square().sum(-1)
+        d2 = torch.cdist(z.float(), self._white_centers).square().double() / self.h**2  # (N, K)
+        kernel = torch.logsumexp(-0.5 * d2, dim=1) - math.log(self.centers.shape[0]) - dim * math.log(self.h)
+        r2 = (z - self._white_mean).square().sum(-1)
         return torch.stack([kernel, -0.5 * r2, -0.5 * r2 / 4.0 - dim * math.log(2.0)], dim=-1) + norm
 
     def log_prob(self, x: Tensor) -> Tensor:
