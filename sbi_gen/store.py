@@ -40,7 +40,8 @@ import tempfile
 import time
 import zipfile
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,7 @@ import h5py
 import numpy as np
 import torch
 
+from sbi_gen import inplace
 from sbi_gen.parallel import run_tasks
 from sbi_gen.simulate import chunk_seeds, run_chunk
 
@@ -150,19 +152,6 @@ def _differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     return [key for key in _RUN_KEYS if a.get(key) != b.get(key)]
 
 
-# HDF5 chunks (the unit of compression) hold about this many bytes, and always tile a simulation
-# chunk exactly, so workers can compress them and the writer only copies bytes.
-_H5_CHUNK_BYTES = 1 << 20
-
-
-def _piece_rows(chunk_size: int, row_bytes: int) -> int:
-    """Rows per HDF5 chunk: a divisor of ``chunk_size`` giving chunks of about 1 MiB."""
-    pieces = max(1, -(-chunk_size * max(row_bytes, 1) // _H5_CHUNK_BYTES))
-    while chunk_size % pieces:
-        pieces += 1
-    return chunk_size // pieces
-
-
 # Deflate is skipped for a chunk whose first 64 KiB do not shrink below this ratio: noise-like
 # data (e.g. maps with pixel noise) costs compression time and saves nothing.
 _SAMPLE_BYTES = 1 << 16
@@ -206,7 +195,8 @@ def _encode_shard(chunk: dict[str, Any], chunk_size: int, compression: str | Non
         datasets.update({f"{group}/{key}": value for key, value in chunk[group].items()})
     blobs, index = [], {}
     for name, value in datasets.items():
-        rows = _piece_rows(chunk_size, value[0].nbytes if len(value) else value.itemsize)
+        # HDF5 chunks tile a simulation chunk exactly: workers compress them, the writer only copies.
+        rows = inplace.piece_rows(chunk_size, value[0].nbytes if len(value) else value.itemsize)
         blob, sizes, masks = _encode(value, rows, compression)
         blobs.append(blob)
         index[name] = {
@@ -335,25 +325,12 @@ class _Assembler:
     def finish(self) -> dict[str, Any]:
         n = self.run["n_simulations"]
         self.file.create_dataset("valid", data=self.valid, chunks=(min(n, 1 << 16),))
-        n_valid = int(self.valid.sum())
-        counts = {
-            "n_valid": n_valid,
-            "n_failed": int(self.n_failed),
-            "n_nonfinite": int(n - n_valid - self.n_failed),
-            # The error of the earliest chunk, so the message does not depend on completion order.
-            "first_error": self.first_errors[min(self.first_errors)] if self.first_errors else "",
-        }
-        attrs = self.file.attrs
-        for key, value in self.run.items():
-            attrs[key] = value
-        for key, value in counts.items():
-            attrs[key] = value
-        attrs["format"] = FORMAT
-        attrs["format_version"] = FORMAT_VERSION
-        attrs["package_version"] = _package_version()
-        attrs["complete"] = True
+        counts = _counts(n, int(self.valid.sum()), self.n_failed, self.first_errors)
+        for key, value in _final_attrs(self.run, counts).items():
+            self.file.attrs[key] = value
         shapes = {name: tuple(self.file[name].shape) for name in ("theta", "x")}
-        shapes.update({f"latents/{k}": tuple(v.shape) for k, v in self.file.get("latents", {}).items()})
+        for group in ("latents", "augmented"):
+            shapes.update({f"{group}/{k}": tuple(v.shape) for k, v in self.file.get(group, {}).items()})
         self.file.flush()
         self.file.close()
         with open(self.path, "rb+") as handle:
@@ -489,10 +466,14 @@ def simulate_to_hdf5(
 
     n_chunks = run["n_chunks"]
     sizes = [min(chunk_size, n - i * chunk_size) for i in range(n_chunks)]
-    shards = [partial / _SHARD.format(i) for i in range(n_chunks)]
-    done = [shard.exists() and _shard_ok(shard) for shard in shards]
     seeds = chunk_seeds(int(seed), n_chunks)
-    todo = [i for i in range(n_chunks) if not done[i]]
+    shards = [partial / _SHARD.format(i) for i in range(n_chunks)]
+    layout, journal = inplace.recover(partial, run) if compression is None and partial.exists() else (None, {})
+    if compression is None:
+        finished = set(journal)
+    else:
+        finished = {i for i in range(n_chunks) if shards[i].exists() and _shard_ok(shards[i])}
+    todo = [i for i in range(n_chunks) if i not in finished]
 
     # Connect (or start a local cluster) before writing anything: a mistyped scheduler address
     # leaves no unfinished run behind. No cluster is needed when every chunk is on disk.
@@ -508,31 +489,19 @@ def simulate_to_hdf5(
             tmp = manifest_path.with_suffix(".tmp")
             tmp.write_text(json.dumps(run, indent=1))
             os.replace(tmp, manifest_path)
-        tmp_h5 = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-        assembler = _Assembler(tmp_h5, run, compression)
     except BaseException:
         cluster.close()
         raise
-    bar = _progress_bar(n, progress, initial=sum(sizes[i] for i in range(n_chunks) if done[i]))
+    bar = _progress_bar(n, progress, initial=sum(sizes[i] for i in finished))
     try:
-        # Chunks already on disk from an earlier run go straight into the file.
-        for i in range(n_chunks):
-            if done[i]:
-                assembler.write(i, _load_shard(shards[i]))
-        if client is not None:
-            chunks = _dask_chunks(simulator, prior, int(chunk_size), compression, todo, sizes, seeds, shards, client)
+        if compression is None:
+            finished_file, counts = _fill_in_place(
+                simulator, prior, run, partial, layout, journal, todo, sizes, seeds, workers, client, bar
+            )
         else:
-            chunks = _local_chunks(simulator, prior, int(chunk_size), compression, todo, sizes, seeds, shards, workers)
-        # closing(): an interrupted run stops its workers, or cancels its Dask tasks, at once.
-        with contextlib.closing(chunks):
-            for i, shard in chunks:
-                assembler.write(i, shard)
-                if bar is not None:
-                    bar.update(sizes[i])
-        counts = assembler.finish()
-    except BaseException:
-        assembler.abort()
-        raise
+            finished_file, counts = _fill_from_shards(
+                simulator, prior, run, path, todo, sizes, seeds, shards, workers, client, bar
+            )
     finally:
         if bar is not None:
             bar.close()
@@ -540,12 +509,187 @@ def simulate_to_hdf5(
         # slow to shut down must neither fail a finished run nor hide the first error.
         with contextlib.suppress(Exception):
             cluster.close()
-    os.replace(tmp_h5, path)
+    os.replace(finished_file, path)
     shutil.rmtree(partial, ignore_errors=True)
     return SimulationSummary(
         str(path), n, counts["n_valid"], counts["n_nonfinite"], counts["n_failed"], counts["first_error"],
         time.perf_counter() - started, n_chunks - len(todo), n_chunks, False, counts["shapes"],
     )
+
+
+def _final_attrs(run: dict[str, Any], counts: dict[str, Any]) -> dict[str, Any]:
+    """Root attributes of a finished file: the run, its counts, the format, ``complete``."""
+    return {
+        **run,
+        **{key: value for key, value in counts.items() if key != "shapes"},
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "package_version": _package_version(),
+        "complete": True,
+    }
+
+
+def _counts(n: int, n_valid: int, n_failed: int, first_errors: dict[int, str]) -> dict[str, Any]:
+    return {
+        "n_valid": int(n_valid),
+        "n_failed": int(n_failed),
+        "n_nonfinite": int(n - n_valid - n_failed),
+        # The error of the earliest chunk, so the message does not depend on completion order.
+        "first_error": first_errors[min(first_errors)] if first_errors else "",
+    }
+
+
+def _fill_from_shards(
+    simulator: Any,
+    prior: Any,
+    run: dict[str, Any],
+    path: Path,
+    todo: list[int],
+    sizes: list[int],
+    seeds: list[np.random.SeedSequence],
+    shards: list[Path],
+    workers: int,
+    client: Any,
+    bar: Any,
+) -> tuple[Path, dict[str, Any]]:
+    """Compressed files: workers encode chunk files, this process assembles them at the end."""
+    tmp_h5 = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    compression, chunk_size = run["compression"], int(run["chunk_size"])
+    assembler = _Assembler(tmp_h5, run, compression)
+    try:
+        # Chunks already on disk from an earlier run go straight into the file.
+        for i, shard in enumerate(shards):
+            if i not in todo:
+                assembler.write(i, _load_shard(shard))
+        if client is not None:
+            chunks = _dask_chunks(simulator, prior, chunk_size, compression, todo, sizes, seeds, shards, client)
+        else:
+            chunks = _local_chunks(simulator, prior, chunk_size, compression, todo, sizes, seeds, shards, workers)
+        # closing(): an interrupted run stops its workers, or cancels its Dask tasks, at once.
+        with contextlib.closing(chunks):
+            for i, shard in chunks:
+                assembler.write(i, shard)
+                if bar is not None:
+                    bar.update(sizes[i])
+        return tmp_h5, assembler.finish()
+    except BaseException:
+        assembler.abort()
+        raise
+
+
+def _simulate_chunk_in_place(
+    simulator: Any,
+    prior: Any,
+    partial: Path,
+    layout: dict[str, Any],
+    chunk_size: int,
+    index: int,
+    size: int,
+    seed_sequence: np.random.SeedSequence,
+) -> dict[str, Any]:
+    return inplace.write_chunk(partial, layout, index, run_chunk(simulator, prior, size, seed_sequence), chunk_size)
+
+
+def _write_behind(
+    simulator: Any,
+    prior: Any,
+    run: dict[str, Any],
+    partial: Path,
+    layout: dict[str, Any] | None,
+    todo: list[int],
+    sizes: list[int],
+    seeds: list[np.random.SeedSequence],
+    record: Callable[[dict[str, Any]], None],
+) -> dict[str, Any] | None:
+    """One process: a thread writes (and flushes) chunk i while this one simulates chunk i + 1.
+
+    ``pwrite`` and ``fdatasync`` release the GIL, so on a machine with a spare core the store
+    costs the simulation almost nothing; at most two chunks are held in memory.
+    """
+    chunk_size = int(run["chunk_size"])
+    with ThreadPoolExecutor(1, thread_name_prefix="sbi-gen-writer") as writer:
+        pending: Future | None = None
+        try:
+            for i in todo:
+                chunk = run_chunk(simulator, prior, sizes[i], seeds[i])
+                if layout is None:
+                    layout = inplace.create_file(partial, run, chunk)
+                if pending is not None:
+                    record(pending.result())
+                pending = writer.submit(inplace.write_chunk, partial, layout, i, chunk, chunk_size, True)
+            if pending is not None:
+                record(pending.result())
+                pending = None
+        finally:
+            # Interrupted (Ctrl-C, a failing simulator): a chunk already on disk is still kept.
+            if pending is not None:
+                with contextlib.suppress(BaseException):
+                    record(pending.result())
+    return layout
+
+
+def _fill_in_place(
+    simulator: Any,
+    prior: Any,
+    run: dict[str, Any],
+    partial: Path,
+    layout: dict[str, Any] | None,
+    journal: dict[int, dict[str, Any]],
+    todo: list[int],
+    sizes: list[int],
+    seeds: list[np.random.SeedSequence],
+    workers: int,
+    client: Any,
+    bar: Any,
+) -> tuple[Path, dict[str, Any]]:
+    """Uncompressed files: each chunk is written once, at its final place (see :mod:`sbi_gen.inplace`)."""
+    chunk_size = int(run["chunk_size"])
+
+    def record(entry: dict[str, Any]) -> None:
+        inplace.append_journal(partial, entry)
+        journal[entry["index"]] = entry
+        if bar is not None:
+            bar.update(sizes[entry["index"]])
+
+    try:
+        if client is not None:
+            from sbi_gen.dask_executor import run_tasks_dask
+
+            # The cluster's workers return the arrays; this process writes them in place.
+            task = functools.partial(run_chunk, simulator, prior)
+            results = run_tasks_dask(task, [(sizes[i], seeds[i]) for i in todo], client, key_prefix="sbi-gen-chunk")
+            with contextlib.closing(results):
+                for position, chunk in results:
+                    if layout is None:
+                        layout = inplace.create_file(partial, run, chunk)
+                    record(inplace.write_chunk(partial, layout, todo[position], chunk, chunk_size, sync=True))
+        else:
+            if workers == 1:
+                layout = _write_behind(simulator, prior, run, partial, layout, todo, sizes, seeds, record)
+            else:
+                rest = list(todo)
+                if layout is None and rest:
+                    # The first chunk fixes the datasets' shapes, so the file exists before workers start.
+                    first = rest.pop(0)
+                    chunk = run_chunk(simulator, prior, sizes[first], seeds[first])
+                    layout = inplace.create_file(partial, run, chunk)
+                    record(inplace.write_chunk(partial, layout, first, chunk, chunk_size, sync=True))
+                # Workers inherit the simulator and the layout through fork, and write their own rows.
+                task = functools.partial(_simulate_chunk_in_place, simulator, prior, partial, layout, chunk_size)
+                results = run_tasks(task, [(i, sizes[i], seeds[i]) for i in rest], workers=workers)
+                with contextlib.closing(results):
+                    for _, entry in results:
+                        inplace.sync_file(partial, layout)
+                        record(entry)
+    except inplace.LayoutError as error:
+        raise StoreError(f"simulator {simulator.name!r}: {error}") from None
+    assert layout is not None
+    n = int(run["n_simulations"])
+    first_errors = {i: e["first_error"] for i, e in journal.items() if e["first_error"]}
+    counts = _counts(n, sum(e["n_valid"] for e in journal.values()), sum(e["n_failed"] for e in journal.values()), first_errors)
+    finished = inplace.finish_file(partial, layout, _final_attrs(run, counts))
+    shapes = {name: (n, *meta["shape"]) for name, meta in layout["datasets"].items() if name != "valid"}
+    return finished, {**counts, "shapes": shapes}
 
 
 def _check_executor(executor: str, workers: int, scheduler: Any, dask_local_workers: int | None, connect_timeout: float) -> None:
@@ -652,7 +796,7 @@ def read_info(path: str | os.PathLike[str]) -> dict[str, Any]:
         partial = _partial_dir(path)
         if (partial / _MANIFEST).exists():
             run = json.loads((partial / _MANIFEST).read_text())
-            n_done = len(list(partial.glob("chunk-*.npz")))
+            n_done = len(list(partial.glob("chunk-*.npz"))) + len(inplace.read_journal(partial, int(run["n_chunks"])))
             raise StoreError(
                 f"{path} is unfinished: {n_done} of {run['n_chunks']} chunks are simulated in {partial}; "
                 "run the same simulate command again to finish it"

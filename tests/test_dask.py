@@ -20,6 +20,7 @@ from sbi_gen.priors import BoxUniform
 from sbi_gen.simulate import as_simulator
 from sbi_gen.store import StoreError, read_info, simulate_to_hdf5
 from tests.dask_helpers import SlowNoisy, always_fails, crashes_its_process, fragile
+from tests.test_store import chunks_done
 
 ROOT = Path(__file__).resolve().parent.parent
 PRIOR = BoxUniform([0.0, 0.0], [1.0, 1.0], names=["a", "b"])
@@ -68,7 +69,7 @@ def _wait_for_shards(partial, target, alive, timeout=90.0):
     while time.monotonic() < deadline:
         if not alive():
             return False
-        if partial.is_dir() and len(list(partial.glob("chunk-*.npz"))) >= target:
+        if chunks_done(partial) >= target:
             return True
         time.sleep(0.01)
     return False
@@ -105,6 +106,12 @@ def test_dask_file_equals_serial_file(client, tmp_path):
         assert summary.n_chunks == -(-n // chunk_size) and summary.chunks_resumed == 0
         _assert_same_file(serial, on_dask)
         assert not on_dask.with_name(on_dask.name + ".partial").exists()
+        # Uncompressed: the cluster returns the arrays and this process writes them in place.
+        serial_plain, plain = tmp_path / f"serial-plain-{number}.h5", tmp_path / f"dask-plain-{number}.h5"
+        simulate_to_hdf5(sim, n, serial_plain, seed=7, chunk_size=chunk_size, progress=False, compression=None)
+        simulate_to_hdf5(sim, n, plain, seed=7, chunk_size=chunk_size, progress=False, compression=None,
+                         executor="dask", scheduler=client)
+        _assert_same_file(serial_plain, plain)
     assert "FloatingPointError: negative variance" in read_info(tmp_path / "dask-2.h5")["first_error"]
     assert read_info(tmp_path / "dask-2.h5")["n_failed"] > 0
 

@@ -50,6 +50,14 @@ def test_identical_across_worker_counts_and_equal_to_memory(tmp_path):
     one = simulate_to_hdf5(TOY, 5000, tmp_path / "w1.h5", seed=11, chunk_size=300, workers=1, progress=False)
     simulate_to_hdf5(TOY, 5000, tmp_path / "w2.h5", seed=11, chunk_size=300, workers=2, progress=False)
     _assert_same(tmp_path / "w1.h5", tmp_path / "w2.h5")
+    # Uncompressed files are written in place by the workers: the same data, byte for byte.
+    for workers in (1, 2):
+        plain = tmp_path / f"plain{workers}.h5"
+        summary = simulate_to_hdf5(TOY, 5000, plain, seed=11, chunk_size=300, workers=workers, compression=None, progress=False)
+        _assert_same(tmp_path / "w1.h5", plain)
+        assert (summary.n_valid, summary.n_nonfinite) == (one.n_valid, one.n_nonfinite)
+        with h5py.File(plain) as f:
+            assert f["x"].compression is None and f["x"].chunks is not None
     memory = simulate(TOY, n=5000, seed=11, chunk_size=300)
     data = load(tmp_path / "w1.h5", valid_only=False)
     assert np.array_equal(data.x.numpy(), memory["x"].astype(np.float32), equal_nan=True)
@@ -214,32 +222,45 @@ _DRIVER = textwrap.dedent(
         return theta * 2 + rng.normal(size=theta.shape)
 
     sim = as_simulator(slow, BoxUniform([0.0, 0.0], [1.0, 1.0]), name="slow", observable_shape=(2,))
-    simulate_to_hdf5(sim, 6000, sys.argv[1], seed=9, chunk_size=50, workers=int(sys.argv[2]), progress=False)
+    compression = None if sys.argv[3] == "none" else sys.argv[3]
+    simulate_to_hdf5(sim, 6000, sys.argv[1], seed=9, chunk_size=50, workers=int(sys.argv[2]), compression=compression,
+                     progress=False)
     """
 )
 
 
+def chunks_done(partial):
+    """Finished chunks of an unfinished run: chunk files (compressed) or journal lines (in place)."""
+    if not partial.is_dir():
+        return 0
+    try:
+        journal = (partial / "done.jsonl").read_text().count("\n")
+    except FileNotFoundError:
+        journal = 0
+    return len(list(partial.glob("chunk-*.npz"))) + journal
+
+
 def _wait_for_chunks(proc, partial, target, timeout=120.0):
-    """Wait until ``target`` chunk files exist; False if the process ended first."""
+    """Wait until ``target`` chunks are done; False if the process ended first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             return False
-        if partial.is_dir() and len(list(partial.glob("chunk-*.npz"))) >= target:
+        if chunks_done(partial) >= target:
             return True
         time.sleep(0.005)
     return False
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_kill_minus_9_at_random_points_then_resume_equals_uninterrupted(tmp_path, workers):
+@pytest.mark.parametrize("workers, compression", [(1, "gzip"), (2, "gzip"), (1, "none"), (2, "none")])
+def test_kill_minus_9_at_random_points_then_resume_equals_uninterrupted(tmp_path, workers, compression):
     driver = tmp_path / "driver.py"
     driver.write_text(_DRIVER)
     path = tmp_path / "killed.h5"
     rng = np.random.default_rng(workers)
     kills = 0
     for _ in range(4):
-        proc = subprocess.Popen([sys.executable, str(driver), str(path), str(workers)], start_new_session=True)
+        proc = subprocess.Popen([sys.executable, str(driver), str(path), str(workers), compression], start_new_session=True)
         # Kill at a random point of progress (not of wall time, so a busy machine changes nothing).
         if _wait_for_chunks(proc, tmp_path / "killed.h5.partial", int(rng.integers(1, 110))):
             time.sleep(rng.uniform(0, 0.05))
@@ -250,8 +271,88 @@ def test_kill_minus_9_at_random_points_then_resume_equals_uninterrupted(tmp_path
         if path.exists():
             read_info(path)
     assert kills >= 2
-    subprocess.run([sys.executable, str(driver), str(path), str(workers)], check=True)
+    subprocess.run([sys.executable, str(driver), str(path), str(workers), compression], check=True)
     reference = tmp_path / "reference.h5"
-    subprocess.run([sys.executable, str(driver), str(reference), "1"], check=True)
+    subprocess.run([sys.executable, str(driver), str(reference), "1", "gzip"], check=True)
     _assert_same(path, reference)
     assert not (tmp_path / "killed.h5.partial").exists()
+
+
+def _interrupted_in_place_run(tmp_path, name, stop_at):
+    """An uncompressed run stopped by Ctrl-C during chunk ``stop_at`` (1-based)."""
+    calls = {"n": 0}
+
+    def flaky(theta, rng):
+        calls["n"] += 1
+        if calls["n"] == stop_at:
+            raise KeyboardInterrupt
+        return theta + rng.normal(size=theta.shape)
+
+    sim = as_simulator(flaky, PRIOR, name="flaky", observable_shape=(2,))
+    with pytest.raises(KeyboardInterrupt):
+        simulate_to_hdf5(sim, 1000, tmp_path / name, seed=5, chunk_size=100, compression=None, progress=False)
+    clean = as_simulator(lambda theta, rng: theta + rng.normal(size=theta.shape), PRIOR, name="flaky", observable_shape=(2,))
+    return sim, clean
+
+
+def test_in_place_run_resumes_keeps_finished_chunks_and_says_it_is_unfinished(tmp_path):
+    sim, clean = _interrupted_in_place_run(tmp_path, "a.h5", stop_at=5)
+    partial = tmp_path / "a.h5.partial"
+    # The chunk being written when Ctrl-C came is kept: 4 chunks done.
+    assert chunks_done(partial) == 4
+    with pytest.raises(StoreError, match=r"unfinished: 4 of 10 chunks"):
+        read_info(tmp_path / "a.h5")
+    # The file being filled is an HDF5 file that says it is not finished.
+    (data,) = partial.glob("data-*.h5")
+    with h5py.File(data) as f:
+        assert not f.attrs["complete"]
+    summary = simulate_to_hdf5(sim, 1000, tmp_path / "a.h5", seed=5, chunk_size=100, compression=None, progress=False)
+    assert summary.chunks_resumed == 4
+    simulate_to_hdf5(clean, 1000, tmp_path / "b.h5", seed=5, chunk_size=100, progress=False)
+    _assert_same(tmp_path / "a.h5", tmp_path / "b.h5")
+    assert not partial.exists()
+
+
+@pytest.mark.parametrize("damage", ["superblock", "missing file", "torn journal line"])
+def test_in_place_run_recovers_from_a_damaged_partial_run(tmp_path, damage):
+    sim, clean = _interrupted_in_place_run(tmp_path, "a.h5", stop_at=6)
+    partial = tmp_path / "a.h5.partial"
+    (data,) = partial.glob("data-*.h5")
+    if damage == "superblock":
+        # What a kill during the final metadata write can leave: the file no longer opens, yet
+        # the finished chunks' rows are intact at their recorded offsets and are carried over.
+        with open(data, "r+b") as f:
+            f.write(bytes(512))
+        expected_resumed = 5
+    elif damage == "missing file":
+        data.unlink()
+        expected_resumed = 0
+    else:
+        with open(partial / "done.jsonl", "a") as f:
+            f.write('{"index": 7, "n_va')  # a kill in the middle of appending
+        expected_resumed = 5
+    summary = simulate_to_hdf5(sim, 1000, tmp_path / "a.h5", seed=5, chunk_size=100, compression=None, progress=False)
+    assert summary.chunks_resumed == expected_resumed
+    simulate_to_hdf5(clean, 1000, tmp_path / "b.h5", seed=5, chunk_size=100, progress=False)
+    _assert_same(tmp_path / "a.h5", tmp_path / "b.h5")
+
+
+class _Drifting:
+    """A protocol simulator whose latent grows a column after two chunks (a bug to report)."""
+
+    name = "drifting"
+    parameter_names = ["a", "b"]
+    observable_shape = (2,)
+    prior = PRIOR
+
+    def __init__(self):
+        self.calls = 0
+
+    def simulate(self, theta, rng):
+        self.calls += 1
+        return {"x": theta, "latents": {"z": np.zeros((len(theta), 3 if self.calls < 3 else 4))}}
+
+
+def test_in_place_run_refuses_chunks_that_change_shape(tmp_path):
+    with pytest.raises(StoreError, match=r"drifting.*chunk 2 returned latents/z as float64 rows of shape \(4,\).*\(3,\)"):
+        simulate_to_hdf5(_Drifting(), 500, tmp_path / "a.h5", seed=0, chunk_size=100, compression=None, progress=False)
