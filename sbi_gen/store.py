@@ -11,13 +11,16 @@ Layout of a finished file (readable with plain h5py):
   ``n_failed``, ``first_error``, ``package_version``.
 
 How a run survives a crash: chunk ``i`` (rows ``i*chunk_size`` onwards) is simulated from the
-``i``-th stream of ``SeedSequence(seed).spawn(n_chunks)`` and saved as its own file in
-``PATH.partial/`` by an atomic rename, so a chunk file is either whole or absent. The HDF5 file
-is assembled in a temporary file and renamed to ``PATH`` only when every chunk is in; ``PATH``
-therefore never exists unfinished. Running the same command again after a kill simulates only
-the missing chunks, and the result is identical, dataset by dataset, to an uninterrupted run
-with any number of workers, local or on a Dask cluster (``executor="dask"``, see
-:mod:`sbi_gen.dask_executor`).
+``i``-th stream of ``SeedSequence(seed).spawn(n_chunks)``. With compression (the default), the
+worker that simulated it compresses it and saves it as its own file in ``PATH.partial/`` by an
+atomic rename, so a chunk file is either whole or absent; the HDF5 file is assembled from them
+when every chunk is in. Without compression (``compression=None``), the file is preallocated in
+``PATH.partial/`` and each chunk's rows are written once, in place, then journalled (see
+:mod:`sbi_gen.inplace`): much less copying, for fast simulators. Either way the finished file is
+renamed to ``PATH`` only when complete, so ``PATH`` never exists unfinished. Running the same
+command again after a kill simulates only the missing chunks, and the result is identical,
+dataset by dataset, to an uninterrupted run with any number of workers, local or on a Dask
+cluster (``executor="dask"``, see :mod:`sbi_gen.dask_executor`), compressed or not.
 
 Example:
     >>> import tempfile, simulators
@@ -38,7 +41,6 @@ import os
 import shutil
 import tempfile
 import time
-import zipfile
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -68,7 +70,7 @@ __all__ = [
 
 FORMAT = "sbi_gen.simulations"
 FORMAT_VERSION = 1
-_SHARD = "chunk-{:07d}.npz"
+_SHARD = "chunk-{:07d}.bin"
 _MANIFEST = "run.json"
 # The fields that identify a run: a resume or re-run must agree on all of them.
 _RUN_KEYS = ("simulator", "simulator_version", "simulator_config", "prior", "seed", "n_simulations", "chunk_size")
@@ -159,18 +161,19 @@ _WORTH_COMPRESSING = 0.9
 _SKIP_ALL_FILTERS = 0b11  # HDF5 filter mask: bit i set = filter i (shuffle, deflate) not applied
 
 
-def _encode(array: np.ndarray, rows: int, compression: str | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _encode(array: np.ndarray, rows: int, compression: str | None) -> tuple[list[Any], list[int], list[int]]:
     """Split ``array`` into HDF5 chunks of ``rows`` rows (the last zero-padded) and run each
     through the filters of the dataset (byte shuffle, then deflate) exactly as HDF5 would.
 
-    Returns the encoded bytes, each chunk's size and its HDF5 filter mask.
+    Returns the encoded chunks (bytes-like), their sizes and their HDF5 filter masks.
     """
     n = len(array)
     padded_rows = -(-n // rows) * rows
     if padded_rows != n:
         array = np.concatenate([array, np.zeros((padded_rows - n, *array.shape[1:]), dtype=array.dtype)])
     array = np.ascontiguousarray(array)
-    pieces, masks = [], []
+    pieces: list[Any] = []
+    masks = []
     for start in range(0, padded_rows, rows):
         raw = array[start : start + rows]
         if compression == "gzip":
@@ -183,73 +186,89 @@ def _encode(array: np.ndarray, rows: int, compression: str | None) -> tuple[np.n
             masks.append(_SKIP_ALL_FILTERS)
         else:
             masks.append(0)
-        pieces.append(raw.tobytes())
-    sizes = np.array([len(p) for p in pieces], dtype=np.int64)
-    return np.frombuffer(b"".join(pieces), dtype=np.uint8), sizes, np.array(masks, dtype=np.int64)
+        pieces.append(raw.reshape(-1).view(np.uint8))
+    return pieces, [len(memoryview(p).cast("B")) for p in pieces], masks
 
 
-def _encode_shard(chunk: dict[str, Any], chunk_size: int, compression: str | None) -> bytes:
-    """A simulated chunk as the bytes of its shard file: HDF5 chunks already encoded, plus counts."""
+# A chunk file: this line, the header's length (8 bytes, little-endian), the JSON header, then
+# the ``valid`` flags and every dataset's encoded HDF5 chunks, back to back.
+_SHARD_MAGIC = b"sbi_gen chunk 2\n"
+
+
+def _encode_shard(chunk: dict[str, Any], chunk_size: int, compression: str | None) -> list[Any]:
+    """A simulated chunk as the parts of its chunk file: HDF5 chunks already encoded, plus counts."""
     datasets = {"theta": chunk["theta"], "x": chunk["x"]}
     for group in ("latents", "augmented"):
         datasets.update({f"{group}/{key}": value for key, value in chunk[group].items()})
-    blobs, index = [], {}
+    valid = np.ascontiguousarray(chunk["valid"], dtype=bool).view(np.uint8)
+    parts: list[Any] = [valid]
+    index = {}
     for name, value in datasets.items():
         # HDF5 chunks tile a simulation chunk exactly: workers compress them, the writer only copies.
         rows = inplace.piece_rows(chunk_size, value[0].nbytes if len(value) else value.itemsize)
-        blob, sizes, masks = _encode(value, rows, compression)
-        blobs.append(blob)
-        index[name] = {
-            "rows": rows,
-            "shape": list(value.shape[1:]),
-            "dtype": value.dtype.str,
-            "sizes": sizes.tolist(),
-            "masks": masks.tolist(),
-        }
-    # Few large arrays: reading many small .npy members costs more than the data.
-    arrays = {
-        "valid": chunk["valid"],
-        "blob": np.concatenate(blobs),
-        "index": np.asarray(json.dumps(index)),
-        "counts": np.asarray([len(chunk["x"]), chunk["n_failed"]], dtype=np.int64),
-        "first_error": np.asarray(chunk["first_error"]),
-    }
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    return buffer.getvalue()
+        pieces, sizes, masks = _encode(value, rows, compression)
+        parts += pieces
+        index[name] = {"rows": rows, "shape": list(value.shape[1:]), "dtype": value.dtype.str, "sizes": sizes, "masks": masks}
+    header = json.dumps({
+        "datasets": index,
+        "n_rows": len(chunk["x"]),
+        "n_failed": int(chunk["n_failed"]),
+        "first_error": str(chunk["first_error"]),
+        "body_bytes": len(valid) + sum(sum(meta["sizes"]) for meta in index.values()),
+    }).encode()
+    return [_SHARD_MAGIC, len(header).to_bytes(8, "little"), header, *parts]
 
 
-def _write_shard(path: Path, data: bytes) -> None:
+def _write_shard(path: Path, parts: list[Any]) -> None:
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as handle:
-        handle.write(data)
-    os.replace(tmp, path)  # atomic: a shard is either complete or absent
+        for part in parts:
+            handle.write(part)
+    os.replace(tmp, path)  # atomic: a chunk file is either complete or absent
 
 
-def _load_shard(source: Path | io.BytesIO) -> dict[str, Any]:
-    with np.load(source, allow_pickle=False) as npz:
-        files = {key: npz[key] for key in npz.files}
-    index = json.loads(str(files["index"]))
-    blob, offset = files["blob"], 0
-    for meta in index.values():
+def _shard_header(handle: Any) -> tuple[dict[str, Any], int]:
+    """The header of an open chunk file and the file's expected size; ValueError if it is not one."""
+    magic = handle.read(len(_SHARD_MAGIC))
+    if magic != _SHARD_MAGIC:
+        raise ValueError("not an sbi_gen chunk file")
+    length = int.from_bytes(handle.read(8), "little")
+    header = json.loads(handle.read(length))
+    return header, len(_SHARD_MAGIC) + 8 + length + int(header["body_bytes"])
+
+
+def _load_shard(source: Path | bytes) -> dict[str, Any]:
+    if isinstance(source, Path):
+        with open(source, "rb") as handle:
+            header, _ = _shard_header(handle)
+            body = np.fromfile(handle, dtype=np.uint8)
+    else:
+        handle = io.BytesIO(source)
+        header, _ = _shard_header(handle)
+        body = np.frombuffer(source, dtype=np.uint8, offset=handle.tell())
+    if len(body) != int(header["body_bytes"]):
+        raise StoreError(f"a chunk file of the unfinished run is truncated: {source if isinstance(source, Path) else 'from a worker'}")
+    n_rows = int(header["n_rows"])
+    valid, offset = body[:n_rows].view(bool), n_rows
+    for meta in header["datasets"].values():
         total = sum(meta["sizes"])
-        meta["blob"] = blob[offset : offset + total]
+        meta["blob"] = body[offset : offset + total]
         offset += total
-    n_rows, n_failed = (int(v) for v in files["counts"])
     return {
-        "valid": files["valid"],
+        "valid": valid,
         "n_rows": n_rows,
-        "n_failed": n_failed,
-        "first_error": str(files["first_error"]),
-        "datasets": index,
+        "n_failed": int(header["n_failed"]),
+        "first_error": str(header["first_error"]),
+        "datasets": header["datasets"],
     }
 
 
 def _shard_ok(path: Path) -> bool:
     try:
-        with zipfile.ZipFile(path) as archive:
-            return "valid.npy" in archive.namelist() and archive.testzip() is None
-    except (zipfile.BadZipFile, OSError):
+        with open(path, "rb") as handle:
+            _, size = _shard_header(handle)
+        return path.stat().st_size == size
+    except (OSError, ValueError, KeyError):
         return False
 
 
@@ -277,7 +296,7 @@ def _simulate_chunk_to_bytes(
     seed_sequence: np.random.SeedSequence,
 ) -> bytes:
     # A pure function of its arguments: Dask may run it twice (a lost worker) with the same result.
-    return _encode_shard(run_chunk(simulator, prior, size, seed_sequence), chunk_size, compression)
+    return b"".join(_encode_shard(run_chunk(simulator, prior, size, seed_sequence), chunk_size, compression))
 
 
 class _Assembler:
@@ -314,7 +333,7 @@ class _Assembler:
             blob, offset = meta["blob"], 0
             zeros = (0,) * (dataset.ndim - 1)
             for j, (size, mask) in enumerate(zip(meta["sizes"], meta["masks"], strict=True)):
-                piece = blob[offset : offset + size].tobytes()
+                piece = blob[offset : offset + size]
                 dataset.id.write_direct_chunk((start + j * rows, *zeros), piece, filter_mask=mask)
                 offset += size
         self.valid[start : start + shard["n_rows"]] = shard["valid"]
@@ -387,7 +406,9 @@ def simulate_to_hdf5(
         prior: Distribution of θ; defaults to ``simulator.prior``.
         overwrite: Replace an existing file or unfinished run that differs from this one.
         compression: ``"gzip"`` (deflate level 1 after byte shuffle, done by the workers in
-            parallel; any HDF5 reader decodes it) or ``None``.
+            parallel; any HDF5 reader decodes it; chunks that do not shrink are stored raw) or
+            ``None`` (rows written in place: the store then costs little beside simulating,
+            see ``benchmarks/bench_simulate.py``).
         progress: Show a progress bar on stderr.
         executor: ``"local"`` (``workers`` processes on this machine) or ``"dask"`` (a Dask
             cluster, see :mod:`sbi_gen.dask_executor`; the file is the same either way).
@@ -760,8 +781,8 @@ def _dask_chunks(
     with contextlib.closing(results):
         for position, data in results:
             i = todo[position]
-            _write_shard(shards[i], data)
-            yield i, _load_shard(io.BytesIO(data))
+            _write_shard(shards[i], [data])
+            yield i, _load_shard(data)
 
 
 def _progress_bar(total: int, enabled: bool, initial: int) -> Any:
@@ -796,7 +817,7 @@ def read_info(path: str | os.PathLike[str]) -> dict[str, Any]:
         partial = _partial_dir(path)
         if (partial / _MANIFEST).exists():
             run = json.loads((partial / _MANIFEST).read_text())
-            n_done = len(list(partial.glob("chunk-*.npz"))) + len(inplace.read_journal(partial, int(run["n_chunks"])))
+            n_done = len(list(partial.glob("chunk-*.bin"))) + len(inplace.read_journal(partial, int(run["n_chunks"])))
             raise StoreError(
                 f"{path} is unfinished: {n_done} of {run['n_chunks']} chunks are simulated in {partial}; "
                 "run the same simulate command again to finish it"

@@ -136,7 +136,7 @@ def test_worker_killed_mid_run_loses_nothing(client, tmp_path):
     assert _wait_for_shards(partial, 4, thread.is_alive), outcome
     victim = sorted(pids.values())[0]
     os.kill(victim, signal.SIGKILL)  # both workers are busy: this one dies holding a chunk
-    shards_at_kill = len(list(partial.glob("chunk-*.npz")))
+    shards_at_kill = len(list(partial.glob("chunk-*.bin")))
     thread.join(timeout=150)
     assert not thread.is_alive(), "the run did not finish after a worker was killed"
     assert "error" not in outcome, outcome.get("error")
@@ -180,7 +180,7 @@ def test_client_killed_then_resumed_equals_uninterrupted(client, tmp_path):
     assert not path.exists()
     with pytest.raises(StoreError, match="unfinished"):
         read_info(path)
-    done = len(list((tmp_path / "killed-client.h5.partial").glob("chunk-*.npz")))
+    done = len(list((tmp_path / "killed-client.h5.partial").glob("chunk-*.bin")))
     assert 3 <= done < SLOW_N // SLOW_CHUNK
     # Resume from this process, on the same cluster: only the missing chunks are simulated.
     summary = simulate_to_hdf5(SlowNoisy(SLOW_DELAY), SLOW_N, path, seed=33, chunk_size=SLOW_CHUNK, progress=False,

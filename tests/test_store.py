@@ -237,7 +237,7 @@ def chunks_done(partial):
         journal = (partial / "done.jsonl").read_text().count("\n")
     except FileNotFoundError:
         journal = 0
-    return len(list(partial.glob("chunk-*.npz"))) + journal
+    return len(list(partial.glob("chunk-*.bin"))) + journal
 
 
 def _wait_for_chunks(proc, partial, target, timeout=120.0):
@@ -356,3 +356,25 @@ class _Drifting:
 def test_in_place_run_refuses_chunks_that_change_shape(tmp_path):
     with pytest.raises(StoreError, match=r"drifting.*chunk 2 returned latents/z as float64 rows of shape \(4,\).*\(3,\)"):
         simulate_to_hdf5(_Drifting(), 500, tmp_path / "a.h5", seed=0, chunk_size=100, compression=None, progress=False)
+
+
+def test_damaged_chunk_files_of_a_compressed_run_are_simulated_again(tmp_path):
+    calls = {"n": 0}
+
+    def flaky(theta, rng):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return theta + rng.normal(size=theta.shape)
+
+    sim = as_simulator(flaky, PRIOR, name="flaky", observable_shape=(2,))
+    with pytest.raises(KeyboardInterrupt):
+        simulate_to_hdf5(sim, 1000, tmp_path / "a.h5", seed=5, chunk_size=100, progress=False)
+    first, second, *_ = sorted((tmp_path / "a.h5.partial").glob("chunk-*.bin"))
+    first.write_bytes(first.read_bytes()[:-10])  # truncated (a disk that filled up)
+    second.write_bytes(b"garbage")
+    summary = simulate_to_hdf5(sim, 1000, tmp_path / "a.h5", seed=5, chunk_size=100, progress=False)
+    assert summary.chunks_resumed == 2
+    clean = as_simulator(lambda theta, rng: theta + rng.normal(size=theta.shape), PRIOR, name="flaky", observable_shape=(2,))
+    simulate_to_hdf5(clean, 1000, tmp_path / "b.h5", seed=5, chunk_size=100, progress=False)
+    _assert_same(tmp_path / "a.h5", tmp_path / "b.h5")
