@@ -1,11 +1,14 @@
 """Simulation throughput and the cost of the HDF5 store.
 
 For each simulator: simulations per second in memory (`sbi_gen.simulate`, one process) and
-into a crash-safe HDF5 file (`simulate_to_hdf5`) with 1 and 2 worker processes, and the ratio
-store / in-memory (the overhead of writing; target ≤ 1.10 for particle at n = 100,000 and
-cosmology at n = 10,000) and 2 workers / 1 worker (target ≥ 1.6× for cosmology maps).
+into a crash-safe HDF5 file (`simulate_to_hdf5`) with 1 and 2 worker processes, compressed
+(gzip, the default: chunk files assembled at the end) and uncompressed (rows written in place),
+and the ratios store / in-memory (the overhead of writing; target ≤ 1.10 for particle at
+n = 100,000 and cosmology at n = 10,000) and 2 workers / 1 worker (target ≥ 1.6× for the
+cosmology maps). Figures on a machine running nothing else: other load makes the worker
+processes and the writing thread compete for cores.
 
-    python benchmarks/bench_simulate.py [--repeats 3] [--simulators particle cosmology]
+    python benchmarks/bench_simulate.py [--repeats 3] [--simulators particle cosmology] [--compression gzip none]
 """
 
 from __future__ import annotations
@@ -37,30 +40,32 @@ def main() -> None:
     parser.add_argument("--simulators", nargs="+", default=list(SIZES))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--chunk-size", type=int, default=1000)
-    parser.add_argument("--compression", default="gzip", choices=["gzip", "none"])
+    parser.add_argument("--compression", nargs="+", default=["gzip", "none"], choices=["gzip", "none"])
     args = parser.parse_args()
-    compression = None if args.compression == "none" else args.compression
     workdir = tempfile.mkdtemp(prefix="sbi_gen_bench_")
-    print(f"{'simulator':<16}{'n':>9}{'memory sim/s':>14}{'file w=1':>12}{'file w=2':>12}{'w=1/mem':>9}{'w=2/mem':>9}{'w2 speedup':>11}")
+    print(f"{'simulator':<16}{'n':>9}{'store':>6}{'memory sim/s':>14}{'file w=1':>12}{'file w=2':>12}{'w=1/mem':>9}"
+          f"{'w=2/mem':>9}{'w2 speedup':>11}")
     try:
         for name in args.simulators:
             sim = simulators.get(name)
             n = SIZES.get(name, 10_000)
             simulate(sim, n=min(n, 2000), seed=0)  # warm up tables and imports
             memory = _best(lambda sim=sim, n=n: simulate(sim, n=n, seed=0, chunk_size=args.chunk_size), args.repeats)
-            files = {}
-            for workers in (1, 2):
-                path = os.path.join(workdir, f"{name}.h5")
+            for label in args.compression:
+                compression = None if label == "none" else label
+                files = {}
+                for workers in (1, 2):
+                    path = os.path.join(workdir, f"{name}.h5")
 
-                def run(sim=sim, n=n, path=path, workers=workers):
-                    if os.path.exists(path):
-                        os.remove(path)
-                    simulate_to_hdf5(sim, n, path, seed=0, chunk_size=args.chunk_size, workers=workers,
-                                     compression=compression, progress=False)
+                    def run(sim=sim, n=n, path=path, workers=workers, compression=compression):
+                        if os.path.exists(path):
+                            os.remove(path)
+                        simulate_to_hdf5(sim, n, path, seed=0, chunk_size=args.chunk_size, workers=workers,
+                                         compression=compression, progress=False)
 
-                files[workers] = _best(run, args.repeats)
-            print(f"{name:<16}{n:>9,}{n / memory:>14,.0f}{n / files[1]:>12,.0f}{n / files[2]:>12,.0f}"
-                  f"{files[1] / memory:>9.2f}{files[2] / memory:>9.2f}{files[1] / files[2]:>10.2f}×", flush=True)
+                    files[workers] = _best(run, args.repeats)
+                print(f"{name:<16}{n:>9,}{label:>6}{n / memory:>14,.0f}{n / files[1]:>12,.0f}{n / files[2]:>12,.0f}"
+                      f"{files[1] / memory:>9.2f}{files[2] / memory:>9.2f}{files[1] / files[2]:>10.2f}×", flush=True)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 

@@ -598,17 +598,30 @@ def _fill_from_shards(
         raise
 
 
+# A worker's copy of the run's layout, keyed by the layout file's identity (one run per pool).
+_WORKER_LAYOUT: dict[tuple[str, int, int], dict[str, Any]] = {}
+
+
 def _simulate_chunk_in_place(
     simulator: Any,
     prior: Any,
     partial: Path,
-    layout: dict[str, Any],
     chunk_size: int,
     index: int,
     size: int,
     seed_sequence: np.random.SeedSequence,
 ) -> dict[str, Any]:
-    return inplace.write_chunk(partial, layout, index, run_chunk(simulator, prior, size, seed_sequence), chunk_size)
+    """Simulate a chunk and write it in place; before the file exists, return it instead."""
+    chunk = run_chunk(simulator, prior, size, seed_sequence)
+    try:
+        stat = (partial / inplace.LAYOUT).stat()
+    except FileNotFoundError:
+        return {"index": index, "chunk": chunk}  # the coordinator creates the file from it
+    key = (str(partial), stat.st_ino, stat.st_mtime_ns)
+    if key not in _WORKER_LAYOUT:
+        _WORKER_LAYOUT.clear()
+        _WORKER_LAYOUT[key] = json.loads((partial / inplace.LAYOUT).read_text())
+    return inplace.write_chunk(partial, _WORKER_LAYOUT[key], index, chunk, chunk_size)
 
 
 def _write_behind(
@@ -688,20 +701,20 @@ def _fill_in_place(
             if workers == 1:
                 layout = _write_behind(simulator, prior, run, partial, layout, todo, sizes, seeds, record)
             else:
-                rest = list(todo)
-                if layout is None and rest:
-                    # The first chunk fixes the datasets' shapes, so the file exists before workers start.
-                    first = rest.pop(0)
-                    chunk = run_chunk(simulator, prior, sizes[first], seeds[first])
-                    layout = inplace.create_file(partial, run, chunk)
-                    record(inplace.write_chunk(partial, layout, first, chunk, chunk_size, sync=True))
-                # Workers inherit the simulator and the layout through fork, and write their own rows.
-                task = functools.partial(_simulate_chunk_in_place, simulator, prior, partial, layout, chunk_size)
-                results = run_tasks(task, [(i, sizes[i], seeds[i]) for i in rest], workers=workers)
+                # Workers inherit the simulator through fork and write their own rows; the first
+                # chunks, simulated before the file exists, come back here to create it.
+                task = functools.partial(_simulate_chunk_in_place, simulator, prior, partial, chunk_size)
+                results = run_tasks(task, [(i, sizes[i], seeds[i]) for i in todo], workers=workers)
                 with contextlib.closing(results):
-                    for _, entry in results:
-                        inplace.sync_file(partial, layout)
-                        record(entry)
+                    for _, out in results:
+                        if "chunk" in out:
+                            if layout is None:
+                                layout = inplace.create_file(partial, run, out["chunk"])
+                            record(inplace.write_chunk(partial, layout, out["index"], out["chunk"], chunk_size, sync=True))
+                        else:
+                            assert layout is not None
+                            inplace.sync_file(partial, layout)
+                            record(out)
     except inplace.LayoutError as error:
         raise StoreError(f"simulator {simulator.name!r}: {error}") from None
     assert layout is not None
