@@ -38,9 +38,16 @@ def _call_inherited(args: tuple[Any, ...]) -> Any:
 
 
 def _limit_threads() -> None:
-    # One simulation process per core: keep numerical libraries from oversubscribing.
+    # One simulation process per core: keep numerical libraries from oversubscribing. The
+    # variables reach libraries loaded later; threadpoolctl resizes those the fork inherited.
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = "1"
+    try:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(limits=1)
+    except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
+        pass
     try:
         import torch
 
