@@ -434,6 +434,57 @@ def simulate_to_hdf5(
         raise StoreError(f"compression must be 'gzip' or None, got {compression!r}")
     _check_executor(executor, workers, scheduler, dask_local_workers, connect_timeout)
     _check_writable(path)
+    with _exclusive_run(path):
+        return _simulate_to_hdf5(
+            simulator, prior, int(n), path, seed, int(chunk_size), int(workers), overwrite, compression, progress,
+            executor, scheduler, dask_local_workers, connect_timeout,
+        )
+
+
+@contextlib.contextmanager
+def _exclusive_run(path: Path) -> Iterator[None]:
+    """Refuse a second process simulating into the same path at the same time.
+
+    An advisory ``flock`` on ``PATH.lock``: the kernel drops it when its holder dies, so a killed
+    run never blocks the next one. Two runs of one training set would otherwise both fill (and
+    finish) the same unfinished file.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: no lock
+        yield
+        return
+    lock_path = path.with_name(path.name + ".lock")
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StoreError(f"another process is simulating into {path} right now; wait for it to finish or choose another path") from None
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(lock_path)
+        os.close(fd)
+
+
+def _simulate_to_hdf5(
+    simulator: Any,
+    prior: Any,
+    n: int,
+    path: Path,
+    seed: int | None,
+    chunk_size: int,
+    workers: int,
+    overwrite: bool,
+    compression: str | None,
+    progress: bool,
+    executor: str,
+    scheduler: Any,
+    dask_local_workers: int | None,
+    connect_timeout: float,
+) -> SimulationSummary:
     partial = _partial_dir(path)
     manifest_path = partial / _MANIFEST
     started = time.perf_counter()

@@ -378,3 +378,19 @@ def test_damaged_chunk_files_of_a_compressed_run_are_simulated_again(tmp_path):
     clean = as_simulator(lambda theta, rng: theta + rng.normal(size=theta.shape), PRIOR, name="flaky", observable_shape=(2,))
     simulate_to_hdf5(clean, 1000, tmp_path / "b.h5", seed=5, chunk_size=100, progress=False)
     _assert_same(tmp_path / "a.h5", tmp_path / "b.h5")
+
+
+def test_a_second_process_on_the_same_path_is_refused_while_the_first_runs(tmp_path):
+    driver = tmp_path / "driver.py"
+    driver.write_text(_DRIVER)
+    path = tmp_path / "busy.h5"
+    proc = subprocess.Popen([sys.executable, str(driver), str(path), "1", "none"], start_new_session=True)
+    try:
+        assert _wait_for_chunks(proc, tmp_path / "busy.h5.partial", 2)
+        sim = as_simulator(lambda theta, rng: theta, BoxUniform([0.0, 0.0], [1.0, 1.0]), name="slow", observable_shape=(2,))
+        with pytest.raises(StoreError, match="another process is simulating into .*busy.h5 right now"):
+            simulate_to_hdf5(sim, 6000, path, seed=9, chunk_size=50, compression=None, progress=False)
+    finally:
+        assert proc.wait(timeout=300) == 0
+    # The first run finished undisturbed, and its lock is gone with it.
+    assert read_info(path)["n_valid"] == 6000 and not (tmp_path / "busy.h5.lock").exists()
