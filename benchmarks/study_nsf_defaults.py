@@ -7,7 +7,9 @@ several training seeds, samples the posterior of the *same* observations and sco
 against the same reference samples (`sbi_gen.c2st.c2st`, sbibm's definition, 0.5 is perfect).
 Every (seed, observation) cell is thus paired across variants, and the summary reports, per
 variant and task, the mean C2ST with its standard error and the paired difference from the
-baseline with the standard error of that difference.
+baseline with the standard error of that difference, over cells and over seeds. The observations
+of one trained model share its errors, so the per-seed error (differences of per-seed means) is
+the honest one; the per-cell error understates the noise when seeds disagree.
 
 Variants are absolute: each builds its `TrainConfig` from the plain `TrainConfig` defaults
 plus its own overrides (not from `NSF.training_defaults`), so the table stays reproducible
@@ -72,8 +74,8 @@ def summarize(rows: list[dict[str, Any]], baseline: str = "baseline") -> None:
     ``baseline`` over the (seed, observation) cells both have."""
     tasks = sorted({r["task"] for r in rows})
     variants = [v for v in VARIANTS if any(r["variant"] == v for r in rows)]
-    print(f"\n{'variant':<14}{'task':<17}{'cells':>5}{'C2ST':>8}{'± se':>7}{'Δ base':>9}{'± se':>7}"
-          f"{'per seed':>22}{'train s':>9}{'epochs':>8}")
+    print(f"\n{'variant':<14}{'task':<17}{'cells':>5}{'C2ST':>8}{'± se':>7}{'Δ base':>9}{'± se':>7}{'seed se':>8}"
+          f"{'per seed':>28}{'train s':>9}{'epochs':>8}")
     for task in tasks:
         cells: dict[str, dict[tuple[int, int], float]] = {}
         for variant in variants:
@@ -87,11 +89,15 @@ def summarize(rows: list[dict[str, Any]], baseline: str = "baseline") -> None:
             if variant != baseline and baseline in cells:
                 common = sorted(set(cells[variant]) & set(cells[baseline]))
                 diff = np.array([cells[variant][k] - cells[baseline][k] for k in common])
+                seeds = sorted({k[0] for k in common})
+                by_seed = np.array([np.mean([d for d, k in zip(diff, common) if k[0] == seed]) for seed in seeds])
                 if len(diff) > 1:
                     delta = f"{diff.mean():+9.3f}{diff.std(ddof=1) / np.sqrt(len(diff)):7.3f}"
+                if len(by_seed) > 1:
+                    delta += f"{by_seed.std(ddof=1) / np.sqrt(len(by_seed)):7.3f}"
             per_seed = " ".join(f"{np.mean(r['c2st_each']):.3f}" for r in sorted(mine, key=lambda r: r["seed"]))
-            print(f"{variant:<14}{task:<17}{len(values):>5}{values.mean():8.3f}{se:7.3f}{delta or ' ' * 16:>16}"
-                  f"{per_seed:>22}{np.mean([r['train_s'] for r in mine]):9.1f}"
+            print(f"{variant:<14}{task:<17}{len(values):>5}{values.mean():8.3f}{se:7.3f}{delta:<23}"
+                  f"{per_seed:>29}{np.mean([r['train_s'] for r in mine]):9.1f}"
                   f"{np.mean([r['epochs'] for r in mine]):8.0f}")
 
 

@@ -69,8 +69,11 @@ class TrainConfig:
     Defaults: Adam(W) at 1e-3 on batches of 256, the rate halved after 8 epochs without a new
     best validation loss, stop after 20, gradients clipped at norm 5. Single-seed comparisons
     on the benchmark tasks at 10,000 simulations (halving/stopping after 3/15 epochs, learning
-    rate 5e-4, smaller batches) moved C2ST by less than its seed-to-seed spread (about ±0.04),
-    so these plain settings stay until a multi-seed study says otherwise.
+    rate 5e-4, smaller batches) moved C2ST by less than its seed-to-seed spread (about ±0.04).
+    Each estimator family adds what a multi-seed study found it needs
+    (``ConditionalEstimator.training_defaults``: a weight average, ``ema_decay=0.999``, for the
+    NSF flow and the diffusion model; see their docstrings), used by ``NPE/NLE.fit`` without a
+    config and by ``model.train_config(...)``.
 
     Attributes:
         batch_size: Rows per gradient step.
