@@ -692,16 +692,22 @@ def _write_behind(
     costs the simulation almost nothing; at most two chunks are held in memory.
     """
     chunk_size = int(run["chunk_size"])
+    state = {"layout": layout}
+
+    def write(index: int, chunk: dict[str, Any]) -> dict[str, Any]:
+        # The writer thread also creates the file, from the first chunk, while chunk 2 simulates.
+        if state["layout"] is None:
+            state["layout"] = inplace.create_file(partial, run, chunk)
+        return inplace.write_chunk(partial, state["layout"], index, chunk, chunk_size, sync=True)
+
     with ThreadPoolExecutor(1, thread_name_prefix="sbi-gen-writer") as writer:
         pending: Future | None = None
         try:
             for i in todo:
                 chunk = run_chunk(simulator, prior, sizes[i], seeds[i])
-                if layout is None:
-                    layout = inplace.create_file(partial, run, chunk)
                 if pending is not None:
                     record(pending.result())
-                pending = writer.submit(inplace.write_chunk, partial, layout, i, chunk, chunk_size, True)
+                pending = writer.submit(write, i, chunk)
             if pending is not None:
                 record(pending.result())
                 pending = None
@@ -710,7 +716,7 @@ def _write_behind(
             if pending is not None:
                 with contextlib.suppress(BaseException):
                     record(pending.result())
-    return layout
+    return state["layout"]
 
 
 def _fill_in_place(
