@@ -9,6 +9,7 @@ cosmology maps). Figures on a machine running nothing else: other load makes the
 processes and the writing thread compete for cores.
 
     python benchmarks/bench_simulate.py [--repeats 3] [--simulators particle cosmology] [--compression gzip none]
+    python benchmarks/bench_simulate.py --simulators cosmology --n cosmology=50000
 """
 
 from __future__ import annotations
@@ -43,14 +44,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--chunk-size", type=int, default=1000)
     parser.add_argument("--compression", nargs="+", default=["gzip", "none"], choices=["gzip", "none"])
+    parser.add_argument("--n", nargs="+", default=[], metavar="NAME=N",
+                        help="other sizes, e.g. cosmology=50000 (process start-up weighs less in longer runs)")
     args = parser.parse_args()
+    sizes = {**SIZES, **{name: int(value) for name, value in (item.split("=") for item in args.n)}}
     workdir = tempfile.mkdtemp(prefix="sbi_gen_bench_")
     print(f"{'simulator':<16}{'n':>9}{'store':>6}{'memory sim/s':>14}{'file w=1':>12}{'file w=2':>12}{'w=1/mem':>9}"
           f"{'w=2/mem':>9}{'w2 speedup':>11}")
     try:
         for name in args.simulators:
             sim = simulators.get(name)
-            n = SIZES.get(name, 10_000)
+            n = sizes.get(name, 10_000)
             simulate(sim, n=min(n, 2000), seed=0)  # warm up tables and imports
             memory = _best(lambda sim=sim, n=n: simulate(sim, n=n, seed=0, chunk_size=args.chunk_size), args.repeats)
             for label in args.compression:
