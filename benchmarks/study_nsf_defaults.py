@@ -49,6 +49,7 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     # Twice the batch, learning rate scaled with the square root of the batch size.
     "batch512": {"train": {"batch_size": 512, "learning_rate": 1.4e-3}, "nsf": {}},
     "batch128": {"train": {"batch_size": 128, "learning_rate": 7e-4}, "nsf": {}},
+    "batch512_ema999": {"train": {"batch_size": 512, "learning_rate": 1.4e-3, "ema_decay": 0.999}, "nsf": {}},
 }
 
 

@@ -429,7 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=_positive_int, default=1, help="local worker processes (default 1)")
     p.add_argument("--chunk-size", type=_positive_int, default=1000, help="simulations per chunk (default 1000)")
     p.add_argument("--config", default=None, help="simulator configuration as a JSON object")
-    p.add_argument("--compression", choices=["gzip", "none"], default="gzip", help="gzip (default, done by the workers) or none")
+    p.add_argument("--compression", choices=["gzip", "none"], default="gzip", help="gzip (default, done by the workers) or none (each chunk written once, in place: "
+                   "the fastest for cheap simulators, larger files)")
     p.add_argument("--overwrite", action="store_true", help="replace a different existing file or unfinished run")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     cluster = p.add_mutually_exclusive_group()
