@@ -56,6 +56,15 @@ def test_simulate_then_info(tmp_path):
     assert as_json["n_simulations"] == 3000
     again = sbi_gen("simulate", "two_moons", "--n", 3000, "--out", path, "--seed", 4, "--chunk-size", 500).stdout
     assert "already complete" in again
+    # Uncompressed (written in place): the same simulations, an uncompressed file.
+    plain = tmp_path / "plain.h5"
+    sbi_gen("simulate", "two_moons", "--n", 3000, "--out", plain, "--seed", 4, "--workers", 2, "--chunk-size", 500,
+            "--compression", "none", "--quiet")
+    assert json.loads(sbi_gen("info", plain, "--json").stdout)["compression"] == "none"
+    with h5py.File(path) as a, h5py.File(plain) as b:
+        assert b["x"].compression is None
+        for key in ("theta", "x", "valid"):
+            assert np.array_equal(a[key][:], b[key][:]), key
 
 
 def test_simulate_errors_are_one_line(tmp_path):
