@@ -51,7 +51,7 @@ def _sbi_prior(task):
     return torch.distributions.MultivariateNormal(prior.loc, prior.covariance)
 
 
-def run_ours(kind, task, theta, x, observations, n_samples, seed, estimator="nsf"):
+def run_ours(kind, task, theta, x, observations, n_samples, seed, estimator=None):
     model = (NPE if kind == "npe" else NLE)(task.prior, estimator)
     started = time.perf_counter()
     model.fit((theta, x), config=model.train_config(progress=False, seed=seed))

@@ -123,11 +123,13 @@ def _cmd_train(args: argparse.Namespace) -> None:
     from sbi_gen.inference import NLE, NPE
     from sbi_gen.store import read_info
 
+    method = {"npe": NPE, "nle": NLE}[args.method]
+    if args.estimator is None:
+        args.estimator = method.default_estimator
     if args.estimator not in ESTIMATORS:
         raise CLIError(f"unknown estimator {args.estimator!r}; known: {', '.join(sorted(ESTIMATORS))}")
     info = read_info(args.data)
     estimator_kwargs = _json_object(args.estimator_kwargs, "--estimator-kwargs", '{"transforms": 3}')
-    method = {"npe": NPE, "nle": NLE}[args.method]
     model = method(None, args.estimator, embedding=args.embedding, estimator_kwargs=estimator_kwargs, device=args.device)
     streaming = {"auto": None, "on": True, "off": False}[args.streaming]
     config = _train_config(args, ESTIMATORS[args.estimator].training_defaults, streaming=streaming)
@@ -445,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train NPE or NLE on an HDF5 training set and save the model")
     p.add_argument("data", help="HDF5 training set from `sbi-gen simulate`")
     p.add_argument("--method", choices=["npe", "nle"], default="npe")
-    p.add_argument("--estimator", default="nsf", help="estimator name (nsf, maf, cnf, ...)")
+    p.add_argument("--estimator", default=None, help="estimator name: nsf (default for npe), maf (default for nle), cnf, vae, diffusion")
     p.add_argument("--estimator-kwargs", default=None, help="estimator hyperparameters as a JSON object")
     p.add_argument("--embedding", default=None, help="embedding of x for NPE: identity (default for vectors), mlp, resmlp, cnn (default for maps)")
     p.add_argument("--out", required=True, help="output model directory")

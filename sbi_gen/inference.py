@@ -60,19 +60,22 @@ class _Method(abc.ABC):
     """What NPE and NLE share: the prior, the estimator, fitting and bookkeeping."""
 
     method: str = ""
+    # The estimator used when none is named (NPE and NLE differ, see their docstrings).
+    default_estimator: str = DEFAULT_ESTIMATOR
     # The datasets of a training-set file that play the estimator's y and c (as ``_roles``).
     _file_roles: tuple[str, str] = ("theta", "x")
 
     def __init__(
         self,
         prior: Prior | None = None,
-        estimator: str = DEFAULT_ESTIMATOR,
+        estimator: str | None = None,
         *,
         embedding: str | None = None,
         estimator_kwargs: dict[str, Any] | None = None,
         embedding_kwargs: dict[str, Any] | None = None,
         device: str = "cpu",
     ):
+        estimator = estimator if estimator is not None else self.default_estimator
         if estimator not in ESTIMATORS:
             raise ValueError(f"unknown estimator {estimator!r}; known: {', '.join(sorted(ESTIMATORS))}")
         if prior is not None and not isinstance(prior, Prior):
@@ -190,7 +193,7 @@ class NPE(_Method):
 
     Arguments:
         prior: The prior (``None``: taken from the HDF5 file given to :meth:`fit`).
-        estimator: Name in :data:`sbi_gen.estimators.ESTIMATORS`.
+        estimator: Name in :data:`sbi_gen.estimators.ESTIMATORS`; ``None``: ``"nsf"``.
         embedding: Embedding of x (``None``: the z-scored vector itself, a CNN for maps).
         estimator_kwargs: Hyperparameters of the estimator.
         embedding_kwargs: Hyperparameters of the embedding.
@@ -302,7 +305,7 @@ class NLE(_Method):
 
     Arguments:
         prior: The prior (``None``: taken from the HDF5 file given to :meth:`fit`).
-        estimator: Name in :data:`sbi_gen.estimators.ESTIMATORS`.
+        estimator: Name in :data:`sbi_gen.estimators.ESTIMATORS`; ``None``: ``"maf"``.
         embedding: Embedding of θ (``None``: the z-scored vector itself).
         estimator_kwargs: Hyperparameters of the estimator.
         embedding_kwargs: Hyperparameters of the embedding.
@@ -310,6 +313,12 @@ class NLE(_Method):
     """
 
     method = "nle"
+    # A masked autoregressive (affine) flow by default: many likelihoods are close to Gaussian
+    # in x given θ, which affine transforms fit exactly, and MCMC evaluates it thousands of
+    # times. 10,000 simulations, 4 observations × 2 training seeds, default sampler: C2ST
+    # gaussian_linear maf 0.514 / 0.522 vs nsf 0.535 / 0.545 (sbi's NLE 0.526), two_moons maf
+    # 0.531 / 0.536 vs nsf 0.523 / 0.519 (sbi's 0.601); maf trains 2–4× and samples 2–4× faster.
+    default_estimator = "maf"
     _file_roles = ("x", "theta")
 
     def _roles(self, theta: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:

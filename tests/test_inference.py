@@ -129,3 +129,10 @@ def test_clear_errors_for_bad_use():
         npe.fit((np.zeros((20, 3)), np.zeros((20, 2))))
     with pytest.raises(ValueError, match="NLE models vector observations"):
         NLE(prior).fit((np.zeros((20, 2)), np.zeros((20, 4, 4))))
+
+
+def test_default_estimators_differ_by_method():
+    prior = BoxUniform([-1.0, -1.0], [1.0, 1.0])
+    assert NPE(prior).estimator_name == "nsf"
+    assert NLE(prior).estimator_name == "maf"  # affine flows fit near-Gaussian likelihoods; see NLE
+    assert NLE(prior, "nsf").estimator_name == "nsf"
