@@ -197,10 +197,8 @@ _SHARD_MAGIC = b"sbi_gen chunk 2\n"
 
 def _encode_shard(chunk: dict[str, Any], chunk_size: int, compression: str | None) -> list[Any]:
     """A simulated chunk as the parts of its chunk file: HDF5 chunks already encoded, plus counts."""
-    datasets = {"theta": chunk["theta"], "x": chunk["x"]}
-    for group in ("latents", "augmented"):
-        datasets.update({f"{group}/{key}": value for key, value in chunk[group].items()})
-    valid = np.ascontiguousarray(chunk["valid"], dtype=bool).view(np.uint8)
+    datasets = inplace.chunk_datasets(chunk)
+    valid = np.ascontiguousarray(datasets.pop("valid"), dtype=bool).view(np.uint8)
     parts: list[Any] = [valid]
     index = {}
     for name, value in datasets.items():
@@ -630,8 +628,9 @@ def _fill_from_shards(
     assembler = _Assembler(tmp_h5, run, compression)
     try:
         # Chunks already on disk from an earlier run go straight into the file.
+        missing = set(todo)
         for i, shard in enumerate(shards):
-            if i not in todo:
+            if i not in missing:
                 assembler.write(i, _load_shard(shard))
         if client is not None:
             chunks = _dask_chunks(simulator, prior, chunk_size, compression, todo, sizes, seeds, shards, client)
@@ -675,6 +674,18 @@ def _simulate_chunk_in_place(
     return inplace.write_chunk(partial, _WORKER_LAYOUT[key], index, chunk, chunk_size)
 
 
+def _write_here(
+    partial: Path, run: dict[str, Any], layout: dict[str, Any] | None, index: int, chunk: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Write (and flush) a chunk from this process, creating the file from it if it is the first.
+
+    Returns the layout and the chunk's journal entry.
+    """
+    if layout is None:
+        layout = inplace.create_file(partial, run, chunk)
+    return layout, inplace.write_chunk(partial, layout, index, chunk, int(run["chunk_size"]), sync=True)
+
+
 def _write_behind(
     simulator: Any,
     prior: Any,
@@ -691,14 +702,12 @@ def _write_behind(
     ``pwrite`` and ``fdatasync`` release the GIL, so on a machine with a spare core the store
     costs the simulation almost nothing; at most two chunks are held in memory.
     """
-    chunk_size = int(run["chunk_size"])
     state = {"layout": layout}
 
     def write(index: int, chunk: dict[str, Any]) -> dict[str, Any]:
         # The writer thread also creates the file, from the first chunk, while chunk 2 simulates.
-        if state["layout"] is None:
-            state["layout"] = inplace.create_file(partial, run, chunk)
-        return inplace.write_chunk(partial, state["layout"], index, chunk, chunk_size, sync=True)
+        state["layout"], entry = _write_here(partial, run, state["layout"], index, chunk)
+        return entry
 
     with ThreadPoolExecutor(1, thread_name_prefix="sbi-gen-writer") as writer:
         pending: Future | None = None
@@ -751,9 +760,8 @@ def _fill_in_place(
             results = run_tasks_dask(task, [(sizes[i], seeds[i]) for i in todo], client, key_prefix="sbi-gen-chunk")
             with contextlib.closing(results):
                 for position, chunk in results:
-                    if layout is None:
-                        layout = inplace.create_file(partial, run, chunk)
-                    record(inplace.write_chunk(partial, layout, todo[position], chunk, chunk_size, sync=True))
+                    layout, entry = _write_here(partial, run, layout, todo[position], chunk)
+                    record(entry)
         else:
             if workers == 1:
                 layout = _write_behind(simulator, prior, run, partial, layout, todo, sizes, seeds, record)
@@ -765,9 +773,8 @@ def _fill_in_place(
                 with contextlib.closing(results):
                     for _, out in results:
                         if "chunk" in out:
-                            if layout is None:
-                                layout = inplace.create_file(partial, run, out["chunk"])
-                            record(inplace.write_chunk(partial, layout, out["index"], out["chunk"], chunk_size, sync=True))
+                            layout, entry = _write_here(partial, run, layout, out["index"], out["chunk"])
+                            record(entry)
                         else:
                             assert layout is not None
                             inplace.sync_file(partial, layout)
