@@ -36,9 +36,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from sbi_gen.emulator import compare_pixel_histograms, compare_power_spectra, train_emulator
+from sbi_gen.emulator import compare_pixel_histograms, compare_power_spectra, emulator_train_config, train_emulator
 from sbi_gen.store import simulate_to_hdf5
-from sbi_gen.train import TrainConfig
 from simulators.cosmology import CosmologySimulator
 
 TOLERANCE = 0.10  # the target: mean emulated power within 10 % of the simulator's in every bin
@@ -104,20 +103,23 @@ def run(variant: str, family: str, args: argparse.Namespace, workdir: Path) -> d
         simulate_to_hdf5(sim, n=args.n_train, path=path, seed=args.seed, chunk_size=500, progress=False)
     simulated_s = time.perf_counter() - started
     hyperparameters = {**DEFAULT_HYPERPARAMETERS[family], **json.loads(getattr(args, f"{family}_hyperparameters"))}
-    config = TrainConfig(
+    overrides = {} if args.ema_decay is None else {"ema_decay": args.ema_decay if args.ema_decay > 0 else None}
+    config = emulator_train_config(
+        family,
         max_epochs=args.epochs,
         batch_size=args.batch_size,
         learning_rate=args.learning_rate,
         patience=args.epochs,
         seed=args.seed,
         progress=False,
+        **overrides,
     )
     torch.manual_seed(args.seed)
     started = time.perf_counter()
     emulator, history = train_emulator(path, family, hyperparameters, config=config)
     trained_s = time.perf_counter() - started
     print(
-        f"\n== {variant} maps ({sim.n_pix}x{sim.n_pix}, noise={sim.noise}), {family} emulator {hyperparameters}: "
+        f"\n== {variant} maps ({sim.n_pix}x{sim.n_pix}, noise={sim.noise}), {family} emulator {hyperparameters}, weight average {config.ema_decay}: "
         f"{args.n_train} training maps simulated in {simulated_s:.0f} s, {len(history.val_loss)} epochs in "
         f"{trained_s:.0f} s, final validation loss {history.val_loss[-1]:.4f}"
     )
@@ -164,6 +166,7 @@ def run(variant: str, family: str, args: argparse.Namespace, workdir: Path) -> d
         "variant": variant,
         "family": family,
         "hyperparameters": hyperparameters,
+        "ema_decay": config.ema_decay,
         "simulator": sim.config(),
         "epochs": len(history.val_loss),
         "val_loss": history.val_loss,
@@ -182,6 +185,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--learning-rate", type=float, default=2e-3)
+    parser.add_argument("--ema-decay", type=float, default=None,
+                        help="weight average of training (default: the family's training defaults; 0: none)")
     parser.add_argument("--diffusion-hyperparameters", default="{}", help="JSON, merged into the defaults")
     parser.add_argument("--vae-hyperparameters", default="{}", help="JSON, merged into the defaults")
     parser.add_argument("--n-theta", type=int, default=4, help="held-out parameter points")

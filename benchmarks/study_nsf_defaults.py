@@ -50,6 +50,11 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     "batch512": {"train": {"batch_size": 512, "learning_rate": 1.4e-3}, "nsf": {}},
     "batch128": {"train": {"batch_size": 128, "learning_rate": 7e-4}, "nsf": {}},
     "batch512_ema999": {"train": {"batch_size": 512, "learning_rate": 1.4e-3, "ema_decay": 0.999}, "nsf": {}},
+    # Half the cost per step: 3 transforms of (64, 64) (within noise of 5 x (128, 128) in the
+    # NSF docstring's density study), with the weight average.
+    "small_ema999": {"train": {"ema_decay": 0.999}, "nsf": {"transforms": 3, "hidden_features": [64, 64]}},
+    # Fewer epochs: the weight average with half the patience.
+    "ema999_short": {"train": {"ema_decay": 0.999, "patience": 10, "lr_patience": 4}, "nsf": {}},
 }
 
 

@@ -264,12 +264,12 @@ def _cmd_plot(args: argparse.Namespace) -> None:
 
 def _cmd_train_emulator(args: argparse.Namespace) -> None:
     from sbi_gen.checkpoint import save_emulator
-    from sbi_gen.emulator import train_emulator
+    from sbi_gen.emulator import FAMILIES, train_emulator
     from sbi_gen.store import read_info
 
     hyperparameters = _json_object(args.hyperparameters, "--hyperparameters", '{"channels": [16, 32]}')
     info = read_info(args.data)
-    config = _train_config(args, {"batch_size": 64, "max_epochs": 200})
+    config = _train_config(args, {"batch_size": 64, "max_epochs": 200, **FAMILIES[args.family].training_defaults})
     print(f"training a {args.family} emulator on {info['n_valid']:,} valid maps of {info['simulator']}")
     try:
         emulator, history = train_emulator(args.data, args.family, hyperparameters, config=config)
