@@ -116,10 +116,13 @@ def run(variant: str, family: str, args: argparse.Namespace, workdir: Path) -> d
     )
     torch.manual_seed(args.seed)
     started = time.perf_counter()
-    emulator, history = train_emulator(path, family, hyperparameters, config=config)
+    # The shifted log of lognormal maps takes the simulator's own shift; Gaussian maps have no floor.
+    transform = {"pixel_transform": "shifted_log", "pixel_shift": sim.lambda_s} if (
+        args.pixel_transform == "shifted_log" and variant == "lognormal") else {}
+    emulator, history = train_emulator(path, family, hyperparameters, config=config, **transform)
     trained_s = time.perf_counter() - started
     print(
-        f"\n== {variant} maps ({sim.n_pix}x{sim.n_pix}, noise={sim.noise}), {family} emulator {hyperparameters}, weight average {config.ema_decay}: "
+        f"\n== {variant} maps ({sim.n_pix}x{sim.n_pix}, noise={sim.noise}), {family} emulator {hyperparameters}, weight average {config.ema_decay}, pixel transform {transform or None}: "
         f"{args.n_train} training maps simulated in {simulated_s:.0f} s, {len(history.val_loss)} epochs in "
         f"{trained_s:.0f} s, final validation loss {history.val_loss[-1]:.4f}"
     )
@@ -167,6 +170,7 @@ def run(variant: str, family: str, args: argparse.Namespace, workdir: Path) -> d
         "family": family,
         "hyperparameters": hyperparameters,
         "ema_decay": config.ema_decay,
+        "pixel_transform": transform,
         "simulator": sim.config(),
         "epochs": len(history.val_loss),
         "val_loss": history.val_loss,
@@ -185,6 +189,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--learning-rate", type=float, default=2e-3)
+    parser.add_argument("--pixel-transform", choices=["none", "shifted_log"], default="shifted_log",
+                        help="lognormal maps: learn ln(x + lambda_s) (MapEmulator's pixel_transform) or the pixels")
     parser.add_argument("--ema-decay", type=float, default=None,
                         help="weight average of training (default: the family's training defaults; 0: none)")
     parser.add_argument("--diffusion-hyperparameters", default="{}", help="JSON, merged into the defaults")

@@ -53,6 +53,10 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     # Half the cost per step: 3 transforms of (64, 64) (within noise of 5 x (128, 128) in the
     # NSF docstring's density study), with the weight average.
     "small_ema999": {"train": {"ema_decay": 0.999}, "nsf": {"transforms": 3, "hidden_features": [64, 64]}},
+    # A fixed budget: the rate falls along a half cosine over 60 or 100 epochs (weight average).
+    "cos60_ema999": {"train": {"ema_decay": 0.999, "lr_schedule": "cosine", "max_epochs": 60, "patience": 60}, "nsf": {}},
+    "cos100_ema999": {"train": {"ema_decay": 0.999, "lr_schedule": "cosine", "max_epochs": 100, "patience": 100}, "nsf": {}},
+    "cos60_lr2e3": {"train": {"lr_schedule": "cosine", "max_epochs": 60, "patience": 60, "learning_rate": 2e-3}, "nsf": {}},
     # Fewer epochs: the weight average with half the patience.
     "ema999_short": {"train": {"ema_decay": 0.999, "patience": 10, "lr_patience": 4}, "nsf": {}},
 }

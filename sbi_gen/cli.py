@@ -270,10 +270,21 @@ def _cmd_train_emulator(args: argparse.Namespace) -> None:
     hyperparameters = _json_object(args.hyperparameters, "--hyperparameters", '{"channels": [16, 32]}')
     info = read_info(args.data)
     config = _train_config(args, {"batch_size": 64, "max_epochs": 200, **FAMILIES[args.family].training_defaults})
+    transform: dict[str, Any] = {}
+    if args.pixel_transform == "shifted_log":
+        shift = args.pixel_shift
+        simulator_config = info.get("simulator_config_decoded") or {}
+        if shift is None and simulator_config.get("lognormal"):  # lognormal cosmology maps record their shift
+            shift = simulator_config.get("lambda_s")
+        if shift is None:
+            raise CLIError(f"--pixel-transform shifted_log needs --pixel-shift: {args.data} does not record a shift")
+        transform = {"pixel_transform": "shifted_log", "pixel_shift": float(shift)}
+    elif args.pixel_shift is not None:
+        raise CLIError("--pixel-shift goes with --pixel-transform shifted_log")
     print(f"training a {args.family} emulator on {info['n_valid']:,} valid maps of {info['simulator']}")
     try:
-        emulator, history = train_emulator(args.data, args.family, hyperparameters, config=config)
-    except TypeError as error:
+        emulator, history = train_emulator(args.data, args.family, hyperparameters, config=config, **transform)
+    except (TypeError, ValueError) as error:
         raise CLIError(str(error)) from None
     save_emulator(emulator, args.out, history)
     print(f"best validation loss {history.best_val_loss:.4f} at epoch {history.best_epoch + 1} "
@@ -491,6 +502,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--family", choices=["diffusion", "vae"], default="diffusion", help="generative model (default diffusion)")
     p.add_argument("--hyperparameters", default=None, help="hyperparameters of the family as a JSON object")
     p.add_argument("--out", required=True, help="output emulator directory")
+    p.add_argument("--pixel-transform", choices=["none", "shifted_log"], default="none",
+                   help="shifted_log: learn ln(x + shift) of every pixel (exact for shifted-lognormal maps)")
+    p.add_argument("--pixel-shift", type=float, default=None,
+                   help="shift of --pixel-transform shifted_log (default: the simulator's lambda_s, if recorded)")
     _training_options(p, "batch size 64, at most 200 epochs, TrainConfig's learning rate and patience")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train_emulator)

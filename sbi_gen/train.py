@@ -102,6 +102,11 @@ class TrainConfig:
             step (warmed up as ``min(decay, (1 + n) / (10 + n))`` after ``n`` steps) is what is
             validated, kept as the best state and restored at the end; the optimizer keeps
             training the raw weights. Helps models with noisy losses (diffusion).
+        lr_schedule: ``"plateau"``: the rate is multiplied by ``lr_factor`` after
+            ``lr_patience`` epochs without a new best validation loss, and training stops when
+            it falls below ``min_learning_rate``. ``"cosine"``: a fixed budget, the rate falls
+            from ``learning_rate`` to ``min_learning_rate`` along a half cosine over
+            ``max_epochs`` epochs (early stopping after ``patience`` epochs still applies).
     """
 
     batch_size: int = 256
@@ -120,6 +125,7 @@ class TrainConfig:
     streaming: bool | None = None
     streaming_threshold: int | None = None
     ema_decay: float | None = None
+    lr_schedule: str = "plateau"
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "max_epochs", "patience", "lr_patience"):
@@ -137,6 +143,8 @@ class TrainConfig:
             raise ValueError(f"streaming_threshold must be a positive number of bytes, got {self.streaming_threshold}")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in (0, 1) or None, got {self.ema_decay}")
+        if self.lr_schedule not in ("plateau", "cosine"):
+            raise ValueError(f"lr_schedule must be 'plateau' or 'cosine', got {self.lr_schedule!r}")
 
 
 @dataclass
@@ -392,9 +400,16 @@ def _train(estimator: nn.Module, batches: _Batches, config: TrainConfig, device:
     info = process_info()
     step = wrap_for_training(estimator, device)
     optimizer = torch.optim.AdamW(estimator.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimizer, mode="min", factor=config.lr_factor, patience=config.lr_patience
-    )
+    cosine = config.lr_schedule == "cosine"
+    if cosine:
+        floor = min(config.min_learning_rate / config.learning_rate, 1.0)
+        scheduler: Any = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda epoch: floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * epoch / config.max_epochs))
+        )
+    else:
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="min", factor=config.lr_factor, patience=config.lr_patience
+        )
     history = History(n_train=batches.n_train, n_val=batches.n_val, streaming=batches.streaming, world_size=info.world_size)
     ema = _WeightAverage(estimator, config.ema_decay) if config.ema_decay is not None else None
     best_state = copy.deepcopy(estimator.state_dict())
@@ -439,11 +454,13 @@ def _train(estimator: nn.Module, batches: _Batches, config: TrainConfig, device:
                 epochs_since_best += 1
             if ema is not None:
                 ema.swap()  # back to the raw weights the optimizer trains
-            scheduler.step(val_loss)
+            scheduler.step() if cosine else scheduler.step(val_loss)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(train=f"{train_loss:.3f}", val=f"{val_loss:.3f}", best=f"{history.best_val_loss:.3f}")
-            if epochs_since_best >= config.patience or optimizer.param_groups[0]["lr"] < config.min_learning_rate:
+            if epochs_since_best >= config.patience or (
+                not cosine and optimizer.param_groups[0]["lr"] < config.min_learning_rate
+            ):
                 history.stopped_early = True
                 break
     finally:

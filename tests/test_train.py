@@ -56,6 +56,18 @@ def test_early_stopping_with_patience():
     assert len(history.val_loss) - 1 - history.best_epoch <= 3
 
 
+def test_cosine_schedule_runs_its_budget_along_a_half_cosine():
+    y, c = _data(300)
+    est = build_estimator("nsf", 1, (1,), **SMALL)
+    config = TrainConfig(max_epochs=6, lr_schedule="cosine", learning_rate=1e-2, min_learning_rate=1e-4, progress=False)
+    history = fit(est, (y, c), config=config)
+    expected = [1e-4 + (1e-2 - 1e-4) * 0.5 * (1 + math.cos(math.pi * e / 6)) for e in range(6)]
+    assert history.learning_rate == pytest.approx(expected)
+    assert not history.stopped_early and history.best_val_loss == min(history.val_loss)
+    with pytest.raises(ValueError, match="lr_schedule"):
+        TrainConfig(lr_schedule="step")
+
+
 def test_non_finite_rows_never_reach_the_loss():
     y, c = _data(400)
     y[::7] = math.nan
