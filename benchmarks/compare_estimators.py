@@ -23,7 +23,7 @@ from compare_sbi import run_ours, task_setup  # same folder: `python benchmarks/
 
 from sbi_gen.c2st import c2st
 
-ESTIMATORS = ["nsf", "vae", "diffusion"]
+ESTIMATORS = ["nsf", "maf", "vae", "diffusion"]  # maf: the default NLE estimator
 
 
 def main() -> None:

@@ -69,26 +69,34 @@ class NSF(ConditionalEstimator):
     size overfits after 250–750 steps (KL then grows to 0.6–1.4), so train with early stopping
     on a validation split.
 
-    Training defaults (``training_defaults``: ``ema_decay=0.999``, the rest as
-    :class:`~sbi_gen.train.TrainConfig`): validating and keeping an average of the weights
-    rather than the last ones lowered NPE's C2ST on every seed of two_moons and gaussian_linear.
-    Measured by ``benchmarks/study_nsf_defaults.py`` at 10,000 simulations, 4 observations ×
-    4 training seeds (slcp: 2 seeds), one CPU thread; Δ is the paired difference from plain
-    ``TrainConfig()``, ± its standard error over seeds (observations of one model share errors):
+    Training defaults (``training_defaults``: ``ema_decay=0.999``, ``patience=10``,
+    ``lr_patience=4``, the rest as :class:`~sbi_gen.train.TrainConfig`): validating and keeping
+    an average of the weights rather than the last ones lowered NPE's C2ST on every seed of
+    two_moons and gaussian_linear; the averaged validation loss is smooth, so half the patience
+    stops as well, 30–40 % sooner. Measured by ``benchmarks/study_nsf_defaults.py`` at 10,000
+    simulations, 4 observations × 4 training seeds (2 where noted), one CPU thread; Δ is the
+    paired difference from plain ``TrainConfig()``, ± its standard error over seeds
+    (observations of one model share errors):
 
-    =================  ===============  ===============  ===============  ===============
-    variant            two_moons        gaussian_linear  slcp             train s (tm/gl)
-    =================  ===============  ===============  ===============  ===============
-    plain              0.581            0.551            0.874            75 / 27
-    **ema 0.999**      0.556 (Δ −0.025  0.538 (Δ −0.013  0.873 (Δ −0.002  138 / 24
-                       ± 0.014)         ± 0.003)         ± 0.003)
-    batch 512, 1.4e-3  0.579 (2 seeds)  0.545 (2 seeds)  —                57 / 20
-    =================  ===============  ===============  ===============  ===============
+    =====================  ===============  ===============  ===============  ===============
+    variant                two_moons        gaussian_linear  slcp (2 seeds)   train s tm/gl/slcp
+    =====================  ===============  ===============  ===============  ===============
+    plain                  0.581            0.551            0.874            75 / 27 / 44
+    ema 0.999              0.556 (Δ −0.025  0.538 (Δ −0.013  0.873 (Δ −0.002  138 / 24 / 51
+                           ± 0.014)         ± 0.003)         ± 0.003)
+    **ema, patience 10/4** 0.556 (Δ −0.025  0.543 (2 seeds;  0.875            97 / 14 / 36
+                           ± 0.012)         ema: same 2
+                                            seeds 0.543)
+    batch 512, 1.4e-3      0.579 (2 seeds)  0.545 (2 seeds)  —                57 / 20 / —
+    3 × (64, 64), ema      0.561            —                —                143 / — / —
+    cosine, 100 epochs,    0.571            —                —                57 / — / —
+    ema
+    =====================  ===============  ===============  ===============  ===============
 
-    (train s: mean seconds of one fit, two_moons / gaussian_linear, on a shared machine.)
-    Seed-to-seed spread of plain training on two_moons is 0.563–0.625, of the averaged one
-    0.546–0.562. The average keeps improving slowly, which resets early stopping: two_moons
-    trains about 1.8× longer (230 vs 130 epochs). NLE uses the same defaults, not measured there.
+    (train s: mean seconds of one fit, on a shared machine.) Seed-to-seed spread of plain
+    training on two_moons is 0.563–0.625, of the averaged one 0.546–0.562. The smaller network
+    needed more epochs (448) and a fixed cosine budget of 60 or 100 epochs (``lr_schedule``)
+    cost accuracy (0.593, 0.571). NLE uses the same defaults, not measured there.
 
     Arguments:
         y_dim: Dimension of :math:`y`.
@@ -109,7 +117,7 @@ class NSF(ConditionalEstimator):
     """
 
     name = "nsf"
-    training_defaults: ClassVar[dict[str, Any]] = {"ema_decay": 0.999}
+    training_defaults: ClassVar[dict[str, Any]] = {"ema_decay": 0.999, "patience": 10, "lr_patience": 4}
 
     def __init__(
         self,
