@@ -319,6 +319,8 @@ def test_spectral_base_with_the_exact_spectrum_samples_the_simulators_gaussian_m
         model.spectrum[-1].bias.copy_(log_power)
         model.unet.head[-1].weight.zero_()
         model.unet.head[-1].bias.zero_()
+        model.level[-1].weight.zero_()  # the simulator's Gaussian maps have mean level 0
+        model.level[-1].bias.zero_()
     torch.testing.assert_close(model.log_power(torch.zeros(2, 3))[0], torch.log(torch.as_tensor(power, dtype=torch.float32)))
     maps = emulator.sample(torch.as_tensor(theta), 400, seed=0).numpy()
     spectra = sim.summary(maps, n_bins=8)
