@@ -355,8 +355,9 @@ class VAEMaps(nn.Module):
         return mean + self.log_scale(theta)[:, :, None].exp() * _randn(mean.shape, mean, generator)
 
 
-FAMILIES: dict[str, type[nn.Module]] = {"diffusion": DiffusionMaps, "vae": VAEMaps}
-"""Emulator families by name: classes ``(map_shape, theta_dim, **hyperparameters)``."""
+FAMILIES: dict[str, Any] = {"diffusion": DiffusionMaps, "vae": VAEMaps}
+"""Emulator families by name: ``nn.Module`` classes ``(map_shape, theta_dim, **hyperparameters)``
+with ``training_defaults`` (``TrainConfig`` fields)."""
 
 PIXEL_TRANSFORMS: tuple[str | None, ...] = (None, "shifted_log")
 """Pixel transforms of :class:`MapEmulator`: none, or :math:`u = \\ln(x + s)` with a given shift :math:`s`."""
@@ -406,8 +407,9 @@ class MapEmulator(nn.Module):
             for any U-Net size, training length or sampler steps tried); with it (and the mean
             level of :class:`DiffusionMaps`) the pulls are within ±1.5, and the pixel histograms
             are indistinguishable from the simulator's at 3 of the 4 θ after 3,000 training maps
-            and at all 4 (χ² p 0.28–0.60) after 10,000. A transform fitted to the pooled pixel quantiles instead made things
-            worse (the pooled distribution mixes θ), so the shift is the user's to give.
+            and at all 4 (χ² p 0.28–0.60) after 10,000. A transform fitted to the pooled pixel
+            quantiles instead made things worse (the pooled distribution mixes θ), so the shift
+            is the user's to give.
         pixel_shift: :math:`s` of ``"shifted_log"`` (positive); pixels must exceed :math:`-s`.
 
     Shapes:
@@ -594,7 +596,7 @@ def emulator_train_config(family: str = "diffusion", **overrides: Any) -> TrainC
     """
     if family not in FAMILIES:
         raise ValueError(f"unknown emulator family {family!r}; known: {', '.join(sorted(FAMILIES))}")
-    return TrainConfig(**{**getattr(FAMILIES[family], "training_defaults", {}), **overrides})
+    return TrainConfig(**{**FAMILIES[family].training_defaults, **overrides})
 
 
 def train_emulator(
