@@ -59,6 +59,15 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     "cos60_lr2e3": {"train": {"lr_schedule": "cosine", "max_epochs": 60, "patience": 60, "learning_rate": 2e-3}, "nsf": {}},
     # Fewer epochs: the weight average with half the patience.
     "ema999_short": {"train": {"ema_decay": 0.999, "patience": 10, "lr_patience": 4}, "nsf": {}},
+    # gaussian_linear overfits after 2-3 epochs: a slower rate, or narrower conditioners.
+    "short_lr3e4": {"train": {"ema_decay": 0.999, "patience": 10, "lr_patience": 4, "learning_rate": 3e-4}, "nsf": {}},
+    "short_h64": {"train": {"ema_decay": 0.999, "patience": 10, "lr_patience": 4}, "nsf": {"hidden_features": [64, 64]}},
+    # Fewer steps to the same place: a higher rate, alone or with twice the batch.
+    "short_lr2e3": {"train": {"ema_decay": 0.999, "patience": 10, "lr_patience": 4, "learning_rate": 2e-3}, "nsf": {}},
+    "short_b512_lr2e3": {
+        "train": {"ema_decay": 0.999, "patience": 10, "lr_patience": 4, "learning_rate": 2e-3, "batch_size": 512},
+        "nsf": {},
+    },
 }
 
 

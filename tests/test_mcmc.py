@@ -19,6 +19,7 @@ from sbi_gen.mcmc import (
     MCMCResult,
     MixtureProposal,
     ess,
+    fit_gaussian_mixture,
     hmc_sample,
     imh_sample,
     rhat,
@@ -125,15 +126,18 @@ def test_independence_mh_mixes_between_separated_modes() -> None:
     assert (rhat(draws) < 1.05).all()
 
 
-def test_mixture_proposal_is_a_normalized_density_that_it_samples() -> None:
+@pytest.mark.parametrize("mixture_weight", [0.0, 0.5])
+def test_mixture_proposal_is_a_normalized_density_that_it_samples(mixture_weight: float) -> None:
     gen = torch.Generator().manual_seed(2)
     states = torch.randn(300, 2, generator=gen) * torch.tensor([1.0, 0.3]) + torch.tensor([0.5, -1.0])
-    q = MixtureProposal(states, defensive=0.1)
-    grid = torch.linspace(-8.0, 8.0, 401)
+    states[::3] += torch.tensor([3.0, 2.0])  # a second cluster, for the mixture part
+    q = MixtureProposal(states, defensive=0.1, gaussian_weight=0.2, mixture_weight=mixture_weight)
+    grid = torch.linspace(-16.0, 16.0, 801)
     xx, yy = torch.meshgrid(grid, grid, indexing="ij")
     density = q.log_prob(torch.stack([xx.flatten(), yy.flatten()], -1).double()).exp()
     assert float(density.sum()) * float(grid[1] - grid[0]) ** 2 == pytest.approx(1.0, abs=1e-3)
-    # Its draws have its mean: the states' mean exactly (kernels and the wide part are centered on it).
+    # Its draws have its mean: the states' mean exactly (kernels and the wide parts are centered
+    # on it, and after an M-step the mixture's weighted means average to it).
     draws = q.sample(20_000, gen)[0].double()
     z = (draws.mean(0) - states.double().mean(0)) / (draws.std(0) / math.sqrt(20_000))
     assert (z.abs() < 4).all(), z
@@ -263,3 +267,75 @@ def test_sir_init_prefers_high_weights_and_avoids_duplicates() -> None:
     with pytest.warns(UserWarning, match="reusing"):
         few = sir_init(proposals[:3], torch.zeros(3), 5, gen)
     assert few.shape == (5, 1)
+
+
+def test_gaussian_mixture_fit_recovers_separated_clusters() -> None:
+    gen = torch.Generator().manual_seed(3)
+    means = torch.tensor([[-4.0, 0.0], [4.0, 0.0], [0.0, 5.0]])
+    scales = torch.tensor([[0.3, 1.0], [1.0, 0.2], [0.5, 0.5]])
+    counts = [600, 300, 300]
+    z = torch.cat([m + s * torch.randn(n, 2, generator=gen) for m, s, n in zip(means, scales, counts)])
+    log_w, fitted, factors = fit_gaussian_mixture(z, 3)
+    order = torch.cdist(means, fitted.float()).argmin(1)  # fitted component of each true cluster
+    assert sorted(order.tolist()) == [0, 1, 2]
+    weights = log_w.exp()[order]
+    # Binomial errors of the shares, sd / sqrt(n) errors of the means, sqrt(2 / n) relative ones of the sds.
+    for k, n in enumerate(counts):
+        share = n / sum(counts)
+        assert abs(float(weights[k]) - share) < 4 * math.sqrt(share * (1 - share) / sum(counts))
+        assert ((fitted[order[k]] - means[k]).abs() < 4 * scales[k] / math.sqrt(n)).all()
+        sd = torch.diagonal(factors[order[k]] @ factors[order[k]].T).sqrt()
+        expected = (scales[k] ** 2 + 1e-3).sqrt()  # the covariance floor adds 1e-3
+        assert ((sd / expected - 1).abs() < 4 * math.sqrt(1 / (2 * n))).all()
+    # Too few points for more components than (K / (D + 1)) cannot make a degenerate fit.
+    log_w, fitted, _ = fit_gaussian_mixture(z[:8], 3)
+    assert len(fitted) == 1 and float(log_w.exp().sum()) == pytest.approx(1.0)
+
+
+def test_independence_mh_mixture_part_fits_narrow_separated_modes() -> None:
+    """Four modes 0.2 wide at the corners of a square 8 apart (sign-degenerate parameters, as in
+    slcp): kernels as wide as the modes' spread waste most proposals; the mixture part fits each
+    mode, so chains accept far more often and every mode gets its weight."""
+    dim = 5
+    corners = torch.tensor([[a, b] for a in (-4.0, 4.0) for b in (-4.0, 4.0)])
+    centers = torch.cat([corners, torch.zeros(4, dim - 2)], dim=1)
+    scale = torch.tensor([0.2, 0.2, 1.0, 1.0, 1.0])
+
+    def potential(x: Tensor) -> Tensor:
+        z = (x[:, None] - centers) / scale
+        return torch.logsumexp(-0.5 * z.square().sum(-1), dim=1)
+
+    gen = torch.Generator().manual_seed(4)
+    init = centers[torch.arange(400) % 4] + scale * torch.randn(400, dim, generator=gen)
+    acceptance = {}
+    for components in (1, 8):
+        info: dict = {}
+        draws = imh_sample(potential, init, 40, warmup=30, components=components, thin=2, generator=gen, info=info)
+        acceptance[components] = info["acceptance"]
+    assert info["mixture_weight"] >= 0.5
+    assert acceptance[8] > 0.5 > 2 * acceptance[1]
+    mode = ((draws[..., None, :2] - corners).square().sum(-1)).argmin(-1)  # (S, C)
+    for k in range(4):
+        share = (mode == k).to(torch.float64)
+        n_eff = float(ess(share[..., None])[0])
+        assert abs(float(share.mean()) - 0.25) < 4 * math.sqrt(0.25 * 0.75 / n_eff)
+    n_eff = ess(draws[..., 2:]).to(draws.dtype)
+    assert ((draws[..., 2:].std(dim=(0, 1)) - 1).abs() < 4 * (1 / (2 * n_eff)).sqrt()).all()
+
+
+def test_independence_mh_thins_by_its_warmup_acceptance() -> None:
+    mean, cov = _gaussian(2)
+    gen = torch.Generator().manual_seed(5)
+    init = 3.0 * torch.randn(250, 2, generator=gen)
+    info: dict = {}
+    draws = imh_sample(_potential(mean, cov), init, 40, warmup=20, thin=None, generator=gen, info=info)
+    assert draws.shape == (40, 250, 2)
+    assert info["thin"] == min(max(math.ceil(1 / info["warmup_acceptance"]), 2), 20)
+    assert info["n_evals"] == 250 * (1 + 20 + 40 * info["thin"])
+    _check_moments(draws, mean, cov, rhat_max=1.05)
+    # run_mcmc hands the choice to the sampler and returns exactly the draws asked for.
+    prior = Gaussian([0.0, 0.0], scale=2.0)
+    result = run_mcmc(_potential(mean, cov), prior, 1000, n_chains=100, warmup=20, thin=None, sampler="imh")
+    assert result.samples.shape == (1000, 2) and result.info["thin"] >= 2
+    with pytest.raises(ValueError, match="thin"):
+        run_mcmc(_potential(mean, cov), prior, 10, thin=0)
