@@ -68,6 +68,10 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
         "train": {"ema_decay": 0.999, "patience": 10, "lr_patience": 4, "learning_rate": 2e-3, "batch_size": 512},
         "nsf": {},
     },
+    "short_b1024_lr3e3": {
+        "train": {"ema_decay": 0.999, "patience": 10, "lr_patience": 4, "learning_rate": 3e-3, "batch_size": 1024},
+        "nsf": {},
+    },
 }
 
 

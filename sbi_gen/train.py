@@ -72,8 +72,8 @@ class TrainConfig:
     rate 5e-4, smaller batches) moved C2ST by less than its seed-to-seed spread (about ±0.04).
     Each estimator family adds what a multi-seed study found it needs
     (``ConditionalEstimator.training_defaults``: a weight average, ``ema_decay=0.999``, for the
-    NSF flow, with half the patience, and for the diffusion model, with twice the patience; see
-    their docstrings), used by ``NPE/NLE.fit`` without a config and by ``model.train_config(...)``.
+    NSF flow, with half the patience and batches of 512 at 2e-3, and for the diffusion model,
+    with twice the patience; see their docstrings), used by ``NPE/NLE.fit`` without a config and by ``model.train_config(...)``.
 
     Attributes:
         batch_size: Rows per gradient step.
