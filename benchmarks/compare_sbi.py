@@ -52,6 +52,7 @@ def _sbi_prior(task):
 
 
 def run_ours(kind, task, theta, x, observations, n_samples, seed, estimator=None):
+    torch.manual_seed(seed)  # the initial weights, as for sbi and the zuko script
     model = (NPE if kind == "npe" else NLE)(task.prior, estimator)
     started = time.perf_counter()
     model.fit((theta, x), config=model.train_config(progress=False, seed=seed))
