@@ -738,6 +738,8 @@ def imh_sample(
     n_chains = x.shape[0]
     if n_chains < 2:
         raise ValueError("independence MH fits its proposal to the chains: it needs at least 2 chains")
+    if thin is not None and thin < 1:
+        raise ValueError(f"thin must be None or >= 1, got {thin}")
     counter: dict[str, int] = {}
     info = {} if info is None else info
     logp = _evaluate(potential, x, counter)

@@ -339,3 +339,5 @@ def test_independence_mh_thins_by_its_warmup_acceptance() -> None:
     assert result.samples.shape == (1000, 2) and result.info["thin"] >= 2
     with pytest.raises(ValueError, match="thin"):
         run_mcmc(_potential(mean, cov), prior, 10, thin=0)
+    with pytest.raises(ValueError, match="thin must be None or >= 1"):
+        imh_sample(_potential(mean, cov), init, 5, thin=0)
