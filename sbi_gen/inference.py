@@ -365,11 +365,13 @@ class NLE(_Method):
         :math:`\lceil 1/a \rceil`-th step (2 to 20) for a warm-up acceptance :math:`a`, so that
         a chain moves about once between kept draws, and keeps every step otherwise. Measured
         with ``benchmarks/compare_sbi.py`` (maf likelihood, 10,000 simulations, 4 observations,
-        10,000 draws each): two_moons C2ST 0.533 in 0.95 s per observation, slcp 0.778 in
-        1.1 s, against 0.588 in 12.7 s and 0.785 in 31.5 s for sbi's default NLE. On slcp (four
-        sign-degenerate modes, each much narrower than their spread) the mixture part raised the
-        acceptance from 0.10–0.27 to 0.36–0.44 and, on one trained likelihood, gave the slice
-        sampler's answer (C2ST 0.915 vs 0.917 at the hardest observation) 13 times faster.
+        10,000 draws each): C2ST 0.532 / 0.786 / 0.524 in 0.91 / 0.97 / 0.82 s per observation
+        on two_moons / slcp / gaussian_linear, against 0.588 / 0.785 / 0.531 in 12.7 / 31.5 /
+        67 s for sbi's default NLE (slcp with sbibm's 10,000-draw C2ST: 0.796 against 0.800).
+        On slcp (four sign-degenerate modes, each much narrower than their spread) the mixture
+        part raised the acceptance from 0.10–0.27 to 0.27–0.44 and, on one trained likelihood,
+        gave the slice sampler's answer (C2ST 0.915 vs 0.917 at the hardest observation) 13
+        times faster.
         Where the acceptance (``posterior.mcmc.acceptance``) stays below about 0.1 the draws
         are strongly correlated: check with ``sampler="slice"``.
         """

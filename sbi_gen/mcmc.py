@@ -705,7 +705,7 @@ def imh_sample(
     chi-square criterion of :func:`_best_part_weights`. Measured on the NLE posteriors of
     slcp (5-D, four sign-degenerate modes; 250 chains, 60 warm-up steps): with the kernel and
     Gaussian parts alone the acceptance was 0.10–0.27 (0.06–0.15 after 30 warm-up steps), with
-    the mixture part 0.36–0.44.
+    the mixture part 0.27–0.44.
 
     Arguments:
         potential: Log density (up to a constant), ``(N, D) -> (N,)``.

@@ -73,7 +73,8 @@ class TrainConfig:
     Each estimator family adds what a multi-seed study found it needs
     (``ConditionalEstimator.training_defaults``: a weight average, ``ema_decay=0.999``, for the
     NSF flow, with half the patience and batches of 512 at 2e-3, and for the diffusion model,
-    with twice the patience; see their docstrings), used by ``NPE/NLE.fit`` without a config and by ``model.train_config(...)``.
+    with twice the patience; see their docstrings), used by ``NPE/NLE.fit`` without a config
+    and by ``model.train_config(...)``.
 
     Attributes:
         batch_size: Rows per gradient step.
