@@ -767,16 +767,10 @@ def imh_sample(
 
     proposal = fit()
     log_q = proposal.log_prob(x)
-    draws = torch.empty(n_steps, n_chains, x.shape[1], dtype=x.dtype)
-    if thin is None and warmup == 0:
-        thin = 3
-    accepted, warmup_accepted = 0, []  # acceptance per warm-up step, for the automatic thinning
-    total = warmup + n_steps * (thin or 1)  # set at the end of warm-up when thin is automatic
-    step = 0
-    while step < total:
-        if adapt and 0 < step < warmup:
-            proposal = fit(proposal)
-            log_q = proposal.log_prob(x)
+
+    def move() -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """One independence-MH step of every chain: ``(accept, logp_y, parts_y, log_q_y)``."""
+        nonlocal x, logp, log_q
         y, _ = proposal.sample(n_chains, generator)
         logp_y = _evaluate(potential, y, counter)
         parts_y = proposal.part_log_probs(y)
@@ -788,22 +782,31 @@ def imh_sample(
         x = torch.where(accept[:, None], y, x)
         logp = torch.where(accept, logp_y, logp)
         log_q = torch.where(accept, log_q_y, log_q)
-        if step < warmup:
-            if adapt:
-                gaussian_weight, mixture_weight = _best_part_weights(logp_y, parts_y, log_q_y, defensive)
-            warmup_accepted.append(float(accept.double().mean()))
-            if step == warmup - 1:
-                last = warmup_accepted[-_IMH_THIN_STEPS:]
-                info["warmup_acceptance"] = sum(last) / len(last)
-            if step == warmup - 1 and thin is None:
-                thin = min(max(math.ceil(1.0 / max(info["warmup_acceptance"], 1e-3)), 2), 20)
-                total = warmup + n_steps * thin
-        else:
-            kept, offset = divmod(step - warmup + 1, thin)
-            if offset == 0:
-                draws[kept - 1] = x
-            accepted += int(accept.sum())
-        step += 1
+        return accept, logp_y, parts_y, log_q_y
+
+    warmup_accepted = []  # acceptance per warm-up step, for the automatic thinning
+    for step in range(warmup):
+        if adapt and step > 0:
+            proposal = fit(proposal)
+            log_q = proposal.log_prob(x)
+        accept, logp_y, parts_y, log_q_y = move()
+        if adapt:
+            gaussian_weight, mixture_weight = _best_part_weights(logp_y, parts_y, log_q_y, defensive)
+        warmup_accepted.append(float(accept.double().mean()))
+    if warmup_accepted:
+        last = warmup_accepted[-_IMH_THIN_STEPS:]
+        info["warmup_acceptance"] = sum(last) / len(last)
+    if thin is None:
+        rate = info.get("warmup_acceptance")
+        thin = 3 if rate is None else min(max(math.ceil(1.0 / max(rate, 1e-3)), 2), 20)
+
+    draws = torch.empty(n_steps, n_chains, x.shape[1], dtype=x.dtype)
+    accepted = 0
+    for step in range(n_steps * thin):
+        accept = move()[0]
+        accepted += int(accept.sum())
+        if (step + 1) % thin == 0:
+            draws[step // thin] = x
     info["gaussian_weight"], info["mixture_weight"] = gaussian_weight, mixture_weight
     info["thin"] = thin
     info["n_evals"] = counter["n_evals"]
