@@ -41,7 +41,6 @@ import os
 import shutil
 import tempfile
 import time
-import zlib
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -55,6 +54,11 @@ import torch
 from sbi_gen import inplace
 from sbi_gen.parallel import run_tasks
 from sbi_gen.simulate import chunk_seeds, run_chunk
+
+try:  # ISA-L's deflate: standard zlib streams (any HDF5 reader inflates them), about 5x faster
+    from isal.isal_zlib import compress as _deflate
+except ImportError:  # pragma: no cover - isal is a dependency; zlib gives the same datasets
+    from zlib import compress as _deflate
 
 __all__ = [
     "FORMAT",
@@ -154,11 +158,19 @@ def _differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     return [key for key in _RUN_KEYS if a.get(key) != b.get(key)]
 
 
-# Deflate is skipped for a chunk whose first 64 KiB do not shrink below this ratio: noise-like
-# data (e.g. maps with pixel noise) costs compression time and saves nothing.
-_SAMPLE_BYTES = 1 << 16
+# Deflate is skipped for a chunk whose sample (8 slices of 1 KiB spread over the shuffled bytes,
+# so every byte plane is seen) does not shrink below this ratio: noise-like data (e.g. maps with
+# pixel noise) costs compression time and saves nothing.
+_SAMPLE_SLICES, _SLICE_BYTES = 8, 1 << 10
 _WORTH_COMPRESSING = 0.9
 _SKIP_ALL_FILTERS = 0b11  # HDF5 filter mask: bit i set = filter i (shuffle, deflate) not applied
+
+
+def _sample(data: bytes) -> bytes:
+    if len(data) <= _SAMPLE_SLICES * _SLICE_BYTES:
+        return data
+    step = (len(data) - _SLICE_BYTES) // (_SAMPLE_SLICES - 1)
+    return b"".join(data[k * step : k * step + _SLICE_BYTES] for k in range(_SAMPLE_SLICES))
 
 
 def _encode(array: np.ndarray, rows: int, compression: str | None) -> tuple[list[Any], list[int], list[int]]:
@@ -177,10 +189,11 @@ def _encode(array: np.ndarray, rows: int, compression: str | None) -> tuple[list
     for start in range(0, padded_rows, rows):
         raw = array[start : start + rows]
         if compression == "gzip":
-            shuffled = raw.view(np.uint8).reshape(-1, raw.dtype.itemsize).T.tobytes()
-            sample = shuffled[:_SAMPLE_BYTES]
-            if len(zlib.compress(sample, 1)) < _WORTH_COMPRESSING * len(sample):
-                pieces.append(zlib.compress(shuffled, 1))
+            # HDF5's shuffle leaves 1-byte types as they are.
+            shuffled = raw.view(np.uint8).reshape(-1, raw.dtype.itemsize).T.tobytes() if raw.dtype.itemsize > 1 else raw.tobytes()
+            sample = _sample(shuffled)
+            if len(_deflate(sample, 1)) < _WORTH_COMPRESSING * len(sample):
+                pieces.append(_deflate(shuffled, 1))
                 masks.append(0)
                 continue
             masks.append(_SKIP_ALL_FILTERS)
@@ -285,6 +298,12 @@ def _simulate_chunk_to_shard(
     return {"index": index}
 
 
+def _save_shard(chunk: dict[str, Any], chunk_size: int, compression: str | None, shard: Path) -> dict[str, Any]:
+    """Encode a simulated chunk, save it as its chunk file and return it as loaded from there."""
+    _write_shard(shard, _encode_shard(chunk, chunk_size, compression))
+    return _load_shard(shard)
+
+
 def _simulate_chunk_to_bytes(
     simulator: Any,
     prior: Any,
@@ -305,7 +324,7 @@ class _Assembler:
         self.run = run
         self.compression = compression
         self.file = h5py.File(path, "w")
-        self.created = False
+        self.datasets: dict[str, Any] = {}  # h5py's lookup by name costs more than a chunk write
         self.valid = np.zeros(run["n_simulations"], dtype=bool)
         self.n_failed = 0
         self.first_errors: dict[int, str] = {}
@@ -318,21 +337,21 @@ class _Assembler:
             kwargs: dict[str, Any] = {"chunks": (int(meta["rows"]), *row_shape), "maxshape": (None, *row_shape)}
             if self.compression == "gzip":
                 kwargs.update(compression="gzip", compression_opts=1, shuffle=True)
-            self.file.create_dataset(name, shape=(n, *row_shape), dtype=np.dtype(str(meta["dtype"])), **kwargs)
-        self.created = True
+            self.datasets[name] = self.file.create_dataset(
+                name, shape=(n, *row_shape), dtype=np.dtype(str(meta["dtype"])), **kwargs
+            )
 
     def write(self, index: int, shard: dict[str, Any]) -> None:
-        if not self.created:
+        if not self.datasets:
             self._create(shard)
         start = index * self.run["chunk_size"]
         for name, meta in shard["datasets"].items():
-            dataset = self.file[name]
+            chunk_writer = self.datasets[name].id
             rows = int(meta["rows"])
             blob, offset = meta["blob"], 0
-            zeros = (0,) * (dataset.ndim - 1)
+            zeros = (0,) * len(meta["shape"])
             for j, (size, mask) in enumerate(zip(meta["sizes"], meta["masks"], strict=True)):
-                piece = blob[offset : offset + size]
-                dataset.id.write_direct_chunk((start + j * rows, *zeros), piece, filter_mask=mask)
+                chunk_writer.write_direct_chunk((start + j * rows, *zeros), blob[offset : offset + size], filter_mask=mask)
                 offset += size
         self.valid[start : start + shard["n_rows"]] = shard["valid"]
         self.n_failed += shard["n_failed"]
@@ -827,6 +846,25 @@ def _local_chunks(
     workers: int,
 ) -> Iterator[tuple[int, dict[str, Any]]]:
     """Simulate chunks ``todo`` in local processes; yield ``(chunk index, shard)`` as each finishes."""
+    if workers == 1:
+        # One process: a thread encodes and saves chunk i while this one simulates chunk i + 1.
+        with ThreadPoolExecutor(1, thread_name_prefix="sbi-gen-encoder") as encoder:
+            pending: tuple[int, Future] | None = None
+            try:
+                for i in todo:
+                    chunk = run_chunk(simulator, prior, sizes[i], seeds[i])
+                    if pending is not None:
+                        yield pending[0], pending[1].result()
+                    pending = (i, encoder.submit(_save_shard, chunk, chunk_size, compression, shards[i]))
+                if pending is not None:
+                    index, future = pending
+                    pending = None
+                    yield index, future.result()
+            finally:
+                if pending is not None:  # interrupted: a chunk being saved is still kept
+                    with contextlib.suppress(BaseException):
+                        pending[1].result()
+        return
     # Workers inherit the simulator through fork: only chunk indices and seeds are pickled.
     task = functools.partial(_simulate_chunk_to_shard, simulator, prior, chunk_size, compression)
     tasks = [(i, sizes[i], seeds[i], shards[i]) for i in todo]
