@@ -119,10 +119,13 @@ def run_zuko(task, theta, x, observations, n_samples, seed):
     samples, started = [], time.perf_counter()
     for x_o in observations:
         x_o = (torch.as_tensor(x_o, dtype=torch.float32) - x_mean) / x_std
-        with torch.no_grad():
-            drawn = flow(x_o).sample((2 * n_samples,)) * t_std + t_mean
-        inside = torch.isfinite(task.prior.log_prob(drawn))
-        samples.append(drawn[inside][:n_samples].numpy())  # rejection into the prior's support
+        kept, n_kept = [], 0
+        while n_kept < n_samples:  # rejection into the prior's support
+            with torch.no_grad():
+                drawn = flow(x_o).sample((2 * n_samples,)) * t_std + t_mean
+            kept.append(drawn[torch.isfinite(task.prior.log_prob(drawn))])
+            n_kept += len(kept[-1])
+        samples.append(torch.cat(kept)[:n_samples].numpy())
     return samples, train, time.perf_counter() - started
 
 

@@ -68,6 +68,11 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
         "train": {"ema_decay": 0.999, "patience": 10, "lr_patience": 4, "learning_rate": 2e-3, "batch_size": 512},
         "nsf": {},
     },
+    # The 10-D density study's best size (NSF docstring): 3 transforms of (64, 64).
+    "short_b512_lr2e3_t3h64": {
+        "train": {"ema_decay": 0.999, "patience": 10, "lr_patience": 4, "learning_rate": 2e-3, "batch_size": 512},
+        "nsf": {"transforms": 3, "hidden_features": [64, 64]},
+    },
     "short_b1024_lr3e3": {
         "train": {"ema_decay": 0.999, "patience": 10, "lr_patience": 4, "learning_rate": 3e-3, "batch_size": 1024},
         "nsf": {},

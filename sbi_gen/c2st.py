@@ -69,7 +69,7 @@ def c2st(
         seed: Seed of the classifier initialization, the fold split and the ``n_max`` subsampling.
         n_folds: Number of cross-validation folds.
         z_score: Standardize with the statistics of ``samples_p`` first.
-        n_max: If given and smaller than ``n``, use ``n_max`` rows of each set, drawn without
+        n_max: If given, use ``n_max`` rows of each set larger than that, drawn without
             replacement by ``numpy.random.default_rng(seed)`` (to bound the run time).
         early_stopping: Stop each classifier when accuracy on 10% of its training fold stops
             improving (scikit-learn's ``early_stopping=True``), instead of sbibm's rule. Without
@@ -96,17 +96,18 @@ def c2st(
     q = _as_2d_float32(samples_q, "samples_q")
     if p.shape[1] != q.shape[1]:
         raise ValueError(f"samples_p has {p.shape[1]} dimensions but samples_q has {q.shape[1]}")
-    if p.shape[0] != q.shape[0]:
+    if n_max is not None and n_max < n_folds:
+        raise ValueError(f"n_max must be at least n_folds = {n_folds}, got {n_max}")
+    if p.shape[0] != q.shape[0] and (n_max is None or n_max > min(p.shape[0], q.shape[0])):
         raise ValueError(
             f"c2st needs equal sample sizes, got {p.shape[0]} and {q.shape[0]}; "
             "subsample the larger set (or pass n_max <= the smaller size)"
         )
     if n_max is not None:
-        if n_max < n_folds:
-            raise ValueError(f"n_max must be at least n_folds = {n_folds}, got {n_max}")
+        rng = np.random.default_rng(seed)
         if n_max < p.shape[0]:
-            rng = np.random.default_rng(seed)
             p = p[rng.choice(p.shape[0], n_max, replace=False)]
+        if n_max < q.shape[0]:
             q = q[rng.choice(q.shape[0], n_max, replace=False)]
     if z_score:
         mean, std = p.mean(axis=0), p.std(axis=0, ddof=1)

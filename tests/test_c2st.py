@@ -45,6 +45,14 @@ def test_n_max_subsamples_both_sets_with_the_documented_rule() -> None:
     pick = np.random.default_rng(7)
     p_sub, q_sub = p[pick.choice(1000, 300, replace=False)], q[pick.choice(1000, 300, replace=False)]
     assert c2st(p, q, n_max=300, seed=7) == c2st(p_sub, q_sub, seed=7)
+    # Sets of different sizes: each larger than n_max is subsampled, as the error message says.
+    q_short = q[:700]
+    pick = np.random.default_rng(7)
+    p_sub, q_sub = p[pick.choice(1000, 300, replace=False)], q_short[pick.choice(700, 300, replace=False)]
+    assert c2st(p, q_short, n_max=300, seed=7) == c2st(p_sub, q_sub, seed=7)
+    assert c2st(p, q_short[:300], n_max=300, seed=7) == c2st(p_sub, q_short[:300], seed=7)
+    with pytest.raises(ValueError, match="equal sample sizes"):
+        c2st(p, q_short, n_max=800)
 
 
 def test_bad_inputs_raise() -> None:
