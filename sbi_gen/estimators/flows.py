@@ -95,6 +95,8 @@ class NSF(ConditionalEstimator):
     ema, 10/4, batch 1024,  0.553 (2 seeds)  —                —                77 / — / —
     rate 3e-3
     ema, 10/4, rate 3e-4    —                0.537            —                — / 20 / —
+    b512, 2e-3, 3 × (64,    —                0.543            —                — / 7 / —
+    64)
     ema, 10/4, (64, 64)     —                0.542            —                — / 15 / —
     batch 512, 1.4e-3       0.579 (2 seeds)  0.545 (2 seeds)  —                57 / 20 / —
     3 × (64, 64), ema       0.561            —                —                143 / — / —
@@ -108,8 +110,11 @@ class NSF(ConditionalEstimator):
     within the seed-to-seed error of the default, for 1.8 times its time. On gaussian_linear
     every variant stops after 2–3 useful epochs (the posterior is Gaussian, and the spline
     flow overfits 10,000 simulations beyond that): neither a lower rate nor narrower networks
-    moved its C2ST. The smaller network needed more epochs (448) and a fixed cosine budget of
-    60 or 100 epochs (``lr_schedule``) cost accuracy (0.593, 0.571). NLE with an NSF uses the
+    moved its C2ST, nor did (measured once, 4 seeds, not kept) a conditional affine
+    autoregressive transform before the splines (0.541; two_moons 0.561) or a Gaussian base
+    whose mean and scale are affine in the context (0.540; two_moons 0.559). On two_moons
+    3 × (64, 64) at the plain rate needed more epochs (448), and a fixed cosine budget of 60
+    or 100 epochs (``lr_schedule``) cost accuracy (0.593, 0.571). NLE with an NSF uses the
     same defaults, not measured there.
 
     Arguments:
