@@ -11,6 +11,8 @@ Methods:
 - `ours-npe-vae`, `ours-npe-diffusion`, `ours-nle-vae`, `ours-nle-diffusion` (opt-in): the
   other two generative families with their defaults (NLE-diffusion is slow: its likelihood is
   an ODE solve per MCMC call).
+- `ours-npe-auto` (opt-in): `NPE(prior, "auto")`, NSF and MAF both trained, the lower
+  validation loss kept.
 - `sbi-npe`, `sbi-nle`: sbi's defaults (`NPE(prior)`, `NLE(prior)`; NLE sampled with sbi's
   default MCMC, `slice_np_vectorized`).
 - `zuko`: what a capable user writes without a package: z-scored θ and x, a zuko NSF
@@ -39,7 +41,7 @@ from sbi_gen.simulate import simulate
 
 METHODS = ["ours-npe", "ours-nle", "sbi-npe", "sbi-nle", "zuko"]
 # The other generative families behind the same interface (``ours-KIND-ESTIMATOR``).
-FAMILIES = ["ours-npe-vae", "ours-npe-diffusion", "ours-nle-vae", "ours-nle-diffusion"]
+FAMILIES = ["ours-npe-vae", "ours-npe-diffusion", "ours-nle-vae", "ours-nle-diffusion", "ours-npe-auto"]
 
 
 def _sbi_prior(task):

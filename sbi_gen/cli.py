@@ -120,19 +120,20 @@ def _cmd_train(args: argparse.Namespace) -> None:
     from sbi_gen import distributed
     from sbi_gen.checkpoint import save
     from sbi_gen.estimators import ESTIMATORS
-    from sbi_gen.inference import NLE, NPE
+    from sbi_gen.inference import AUTO, AUTO_FAMILIES, NLE, NPE
     from sbi_gen.store import read_info
 
     method = {"npe": NPE, "nle": NLE}[args.method]
     if args.estimator is None:
         args.estimator = method.default_estimator
-    if args.estimator not in ESTIMATORS:
-        raise CLIError(f"unknown estimator {args.estimator!r}; known: {', '.join(sorted(ESTIMATORS))}")
+    if args.estimator not in ESTIMATORS and args.estimator != AUTO:
+        raise CLIError(f"unknown estimator {args.estimator!r}; known: {', '.join(sorted(ESTIMATORS))}, or {AUTO}")
     info = read_info(args.data)
     estimator_kwargs = _json_object(args.estimator_kwargs, "--estimator-kwargs", '{"transforms": 3}')
     model = method(None, args.estimator, embedding=args.embedding, estimator_kwargs=estimator_kwargs, device=args.device)
     streaming = {"auto": None, "on": True, "off": False}[args.streaming]
-    config = _train_config(args, ESTIMATORS[args.estimator].training_defaults, streaming=streaming)
+    family = AUTO_FAMILIES[0] if args.estimator == AUTO else args.estimator
+    config = _train_config(args, ESTIMATORS[family].training_defaults, streaming=streaming)
     # Under torchrun every process trains its shard of the same model; rank 0 alone reports and saves.
     distributed.init_from_env(args.device)
     main = distributed.is_main_process()
@@ -143,6 +144,9 @@ def _cmd_train(args: argparse.Namespace) -> None:
     history = model.fit(args.data, config=config)
     if main:
         save(model, args.out)
+        if args.estimator == AUTO:
+            losses = ", ".join(f"{name} {loss:.4f}" for name, loss in model.metadata["estimator_selection"].items())
+            print(f"validation loss by family: {losses}; kept {model.estimator_name}")
         print(f"best validation loss {history.best_val_loss:.4f} at epoch {history.best_epoch + 1} "
               f"of {len(history.val_loss)} ({history.seconds:.1f} s{', streamed from disk' if history.streaming else ''})")
         print(f"model saved to {args.out}")
@@ -458,7 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train NPE or NLE on an HDF5 training set and save the model")
     p.add_argument("data", help="HDF5 training set from `sbi-gen simulate`")
     p.add_argument("--method", choices=["npe", "nle"], default="npe")
-    p.add_argument("--estimator", default=None, help="estimator name: nsf (default for npe), maf (default for nle), cnf, vae, diffusion")
+    p.add_argument("--estimator", default=None, help="estimator name: nsf (default for npe), maf (default for nle), cnf, vae, diffusion, "
+                   "or auto (nsf and maf both trained, the lower validation loss kept)")
     p.add_argument("--estimator-kwargs", default=None, help="estimator hyperparameters as a JSON object")
     p.add_argument("--embedding", default=None, help="embedding of x for NPE: identity (default for vectors), mlp, resmlp, cnn (default for maps)")
     p.add_argument("--out", required=True, help="output model directory")

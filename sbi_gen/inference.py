@@ -56,6 +56,14 @@ def _as_training_data(data: Any) -> tuple[Tensor, Tensor, dict[str, Any]]:
     raise TypeError("data must be an HDF5 training-set path, a TrainingSet or a (theta, x) pair")
 
 
+# ``estimator="auto"``: these families are trained on the same split with the first one's
+# training settings, and the one with the lower validation loss (a held-out negative
+# log-likelihood, in the same units for both) is kept. Measured with NPE at 10,000 simulations:
+# MAF wins on gaussian_linear (a Gaussian posterior), NSF on two_moons and slcp.
+AUTO = "auto"
+AUTO_FAMILIES = ("nsf", "maf")
+
+
 class _Method(abc.ABC):
     """What NPE and NLE share: the prior, the estimator, fitting and bookkeeping."""
 
@@ -76,11 +84,15 @@ class _Method(abc.ABC):
         device: str = "cpu",
     ):
         estimator = estimator if estimator is not None else self.default_estimator
-        if estimator not in ESTIMATORS:
-            raise ValueError(f"unknown estimator {estimator!r}; known: {', '.join(sorted(ESTIMATORS))}")
+        if estimator not in ESTIMATORS and estimator != AUTO:
+            raise ValueError(f"unknown estimator {estimator!r}; known: {', '.join(sorted(ESTIMATORS))}, or {AUTO!r}")
+        if estimator == AUTO and estimator_kwargs:
+            raise ValueError("estimator_kwargs set the hyperparameters of one family: name it instead of 'auto'")
         if prior is not None and not isinstance(prior, Prior):
             raise TypeError("prior must be an sbi_gen prior (BoxUniform, Gaussian, IndependentPrior)")
         self.prior = prior
+        # With "auto" the name becomes the family chosen by ``fit``.
+        self.auto = estimator == AUTO
         self.estimator_name = estimator
         self.embedding = embedding
         self.estimator_kwargs = dict(estimator_kwargs or {})
@@ -96,8 +108,8 @@ class _Method(abc.ABC):
         """``(y, c)`` of the estimator: NPE ``(theta, x)``, NLE ``(x, theta)``."""
 
     @abc.abstractmethod
-    def _build(self, theta_dim: int, x_shape: tuple[int, ...]) -> ConditionalEstimator:
-        """The untrained estimator for these dimensions."""
+    def _build(self, theta_dim: int, x_shape: tuple[int, ...], name: str | None = None) -> ConditionalEstimator:
+        """The untrained estimator (of family ``name``, default this model's) for these dimensions."""
 
     def fit(self, data: Any, *, config: TrainConfig | None = None) -> History:
         """Train on ``data``: an HDF5 training set path, a :class:`~sbi_gen.store.TrainingSet` or
@@ -132,14 +144,32 @@ class _Method(abc.ABC):
         if theta_shape[1] != self.prior.dim:
             raise ValueError(f"theta has {theta_shape[1]} parameters but the prior has {self.prior.dim}")
         x_shape = x_shape_full[1:]
-        if self.estimator is None or self.x_shape != x_shape:
-            self.x_shape = x_shape
-            self.estimator = self._build(self.prior.dim, x_shape)
         # A given config decides the device (``"auto"`` included); without one, the model's device.
         config = config or self.train_config()
         self.device = resolve_device(config.device)
         y_key, c_key = self._file_roles
+        if self.auto:
+            return self._fit_auto(training_data, x_shape, config)
+        if self.estimator is None or self.x_shape != x_shape:
+            self.x_shape = x_shape
+            self.estimator = self._build(self.prior.dim, x_shape)
         self.history = fit(self.estimator, training_data, config=config, y_key=y_key, c_key=c_key)
+        self.estimator.to(self.device)
+        return self.history
+
+    def _fit_auto(self, training_data: Any, x_shape: tuple[int, ...], config: TrainConfig) -> History:
+        """Train every family of :data:`AUTO_FAMILIES` on the same split (``config.seed``) and
+        keep the one with the lowest validation loss; the losses are in ``metadata``."""
+        assert self.prior is not None
+        y_key, c_key = self._file_roles
+        fitted = {}
+        for name in AUTO_FAMILIES:
+            estimator = self._build(self.prior.dim, x_shape, name)
+            fitted[name] = (fit(estimator, training_data, config=config, y_key=y_key, c_key=c_key), estimator)
+        best = min(fitted, key=lambda name: fitted[name][0].best_val_loss)
+        self.history, self.estimator = fitted[best]
+        self.estimator_name, self.x_shape = best, x_shape
+        self.metadata["estimator_selection"] = {name: float(h.best_val_loss) for name, (h, _) in fitted.items()}
         self.estimator.to(self.device)
         return self.history
 
@@ -151,7 +181,7 @@ class _Method(abc.ABC):
             >>> NPE(None, "diffusion").train_config(progress=False).progress
             False
         """
-        defaults = ESTIMATORS[self.estimator_name].training_defaults
+        defaults = ESTIMATORS[AUTO_FAMILIES[0] if self.auto else self.estimator_name].training_defaults
         return TrainConfig(**{"device": str(self.device), **defaults, **overrides})
 
     def _require_fitted(self) -> ConditionalEstimator:
@@ -193,7 +223,9 @@ class NPE(_Method):
 
     Arguments:
         prior: The prior (``None``: taken from the HDF5 file given to :meth:`fit`).
-        estimator: Name in :data:`sbi_gen.estimators.ESTIMATORS`; ``None``: ``"nsf"``.
+        estimator: Name in :data:`sbi_gen.estimators.ESTIMATORS`; ``None``: ``"nsf"``;
+            ``"auto"``: NSF and MAF both trained, the one with the lower validation loss kept
+            (:data:`AUTO_FAMILIES`; the losses in ``metadata["estimator_selection"]``).
         embedding: Embedding of x (``None``: the z-scored vector itself, a CNN for maps).
         estimator_kwargs: Hyperparameters of the estimator.
         embedding_kwargs: Hyperparameters of the embedding.
@@ -205,10 +237,10 @@ class NPE(_Method):
     def _roles(self, theta: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
         return theta, x
 
-    def _build(self, theta_dim: int, x_shape: tuple[int, ...]) -> ConditionalEstimator:
+    def _build(self, theta_dim: int, x_shape: tuple[int, ...], name: str | None = None) -> ConditionalEstimator:
         assert self.prior is not None
         return build_estimator(
-            self.estimator_name,
+            name or self.estimator_name,
             theta_dim,
             x_shape,
             embedding=self.embedding,
@@ -305,7 +337,8 @@ class NLE(_Method):
 
     Arguments:
         prior: The prior (``None``: taken from the HDF5 file given to :meth:`fit`).
-        estimator: Name in :data:`sbi_gen.estimators.ESTIMATORS`; ``None``: ``"maf"``.
+        estimator: Name in :data:`sbi_gen.estimators.ESTIMATORS`; ``None``: ``"maf"``; ``"auto"``
+            as for :class:`NPE`.
         embedding: Embedding of θ (``None``: the z-scored vector itself).
         estimator_kwargs: Hyperparameters of the estimator.
         embedding_kwargs: Hyperparameters of the embedding.
@@ -324,14 +357,14 @@ class NLE(_Method):
     def _roles(self, theta: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
         return x, theta
 
-    def _build(self, theta_dim: int, x_shape: tuple[int, ...]) -> ConditionalEstimator:
+    def _build(self, theta_dim: int, x_shape: tuple[int, ...], name: str | None = None) -> ConditionalEstimator:
         if len(x_shape) != 1:
             raise ValueError(
                 f"NLE models vector observations; these have shape {x_shape}. "
                 "Use NPE (with a CNN embedding) for maps, or train NLE on summaries."
             )
         return build_estimator(
-            self.estimator_name,
+            name or self.estimator_name,
             x_shape[0],
             (theta_dim,),
             embedding=self.embedding,

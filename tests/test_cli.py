@@ -157,6 +157,21 @@ def test_train_and_sample_end_to_end(tmp_path):
     assert_one_line_error(sbi_gen("train", tmp_path / "none.h5", "--out", tmp_path / "m", check=False), "no such file")
 
 
+def test_train_auto_reports_both_families_and_keeps_one(tmp_path):
+    data = tmp_path / "moons.h5"
+    sbi_gen("simulate", "two_moons", "--n", 1500, "--out", data, "--seed", 0, "--quiet")
+    model = tmp_path / "auto"
+    out = sbi_gen("train", data, "--estimator", "auto", "--out", model, "--max-epochs", 2, "--quiet").stdout
+    line = next(line for line in out.splitlines() if line.startswith("validation loss by family"))
+    losses = {name: float(value) for name, value in (part.split() for part in line.split(": ")[1].split("; ")[0].split(", "))}
+    kept = line.rsplit("kept ", 1)[1]
+    assert set(losses) == {"nsf", "maf"} and kept == min(losses, key=losses.get)
+    config = json.loads((model / "config.json").read_text())
+    assert config["estimator_name"] == kept and config["metadata"]["estimator_selection"].keys() == losses.keys()
+    assert_one_line_error(sbi_gen("train", data, "--estimator", "auto", "--estimator-kwargs", '{"transforms": 2}',
+                                  "--out", tmp_path / "m", check=False), "name it instead of 'auto'")
+
+
 def test_nle_through_the_cli(tmp_path):
     data = tmp_path / "lin.h5"
     sbi_gen("simulate", "two_moons", "--n", 1500, "--out", data, "--seed", 0, "--quiet")
