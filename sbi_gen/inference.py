@@ -64,6 +64,10 @@ AUTO = "auto"
 AUTO_FAMILIES = ("nsf", "maf")
 
 
+def _finite_or_inf(value: float) -> float:
+    return value if math.isfinite(value) else math.inf
+
+
 class _Method(abc.ABC):
     """What NPE and NLE share: the prior, the estimator, fitting and bookkeeping."""
 
@@ -166,7 +170,8 @@ class _Method(abc.ABC):
         for name in AUTO_FAMILIES:
             estimator = self._build(self.prior.dim, x_shape, name)
             fitted[name] = (fit(estimator, training_data, config=config, y_key=y_key, c_key=c_key), estimator)
-        best = min(fitted, key=lambda name: fitted[name][0].best_val_loss)
+        # A family whose validation loss is not finite (diverged) is never kept over one that is.
+        best = min(fitted, key=lambda name: _finite_or_inf(fitted[name][0].best_val_loss))
         self.history, self.estimator = fitted[best]
         self.estimator_name, self.x_shape = best, x_shape
         self.metadata["estimator_selection"] = {name: float(h.best_val_loss) for name, (h, _) in fitted.items()}
