@@ -176,6 +176,9 @@ def main() -> None:
             results.append(row)
             print(f"{task_name:<16}{method:<20} C2ST {row['c2st']:.3f}  train {train:7.1f} s  "
                   f"sample {row['sample_s_per_obs']:7.2f} s/obs", flush=True)
+            # Written after every row: a later method that fails does not lose the finished ones.
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
 
     print("\nratios against sbi (train time, sample time; < 1 is faster)")
     for task_name in args.tasks:
@@ -185,8 +188,6 @@ def main() -> None:
                 a, b = by[ours], by[theirs]
                 print(f"{task_name:<16}{ours} / {theirs}: C2ST {a['c2st']:.3f} vs {b['c2st']:.3f}, "
                       f"train ×{a['train_s'] / b['train_s']:.2f}, sample ×{a['sample_s_per_obs'] / b['sample_s_per_obs']:.3f}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
 
 
 if __name__ == "__main__":
