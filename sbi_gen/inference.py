@@ -151,12 +151,12 @@ class _Method(abc.ABC):
         # A given config decides the device (``"auto"`` included); without one, the model's device.
         config = config or self.train_config()
         self.device = resolve_device(config.device)
-        y_key, c_key = self._file_roles
         if self.auto:
             return self._fit_auto(training_data, x_shape, config)
         if self.estimator is None or self.x_shape != x_shape:
             self.x_shape = x_shape
             self.estimator = self._build(self.prior.dim, x_shape)
+        y_key, c_key = self._file_roles
         self.history = fit(self.estimator, training_data, config=config, y_key=y_key, c_key=c_key)
         self.estimator.to(self.device)
         return self.history

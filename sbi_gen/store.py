@@ -298,12 +298,6 @@ def _simulate_chunk_to_shard(
     return {"index": index}
 
 
-def _save_shard(chunk: dict[str, Any], chunk_size: int, compression: str | None, shard: Path) -> dict[str, Any]:
-    """Encode a simulated chunk, save it as its chunk file and return it as loaded from there."""
-    _write_shard(shard, _encode_shard(chunk, chunk_size, compression))
-    return _load_shard(shard)
-
-
 def _simulate_chunk_to_bytes(
     simulator: Any,
     prior: Any,
@@ -705,6 +699,39 @@ def _write_here(
     return layout, inplace.write_chunk(partial, layout, index, chunk, int(run["chunk_size"]), sync=True)
 
 
+def _handle_behind(
+    simulator: Any,
+    prior: Any,
+    todo: list[int],
+    sizes: list[int],
+    seeds: list[np.random.SeedSequence],
+    handle: Callable[[int, dict[str, Any]], Any],
+) -> Iterator[Any]:
+    """One process: a thread runs ``handle(i, chunk)`` on chunk i while this one simulates chunk
+    i + 1; yields the results in order. At most two chunks are held in memory.
+
+    The store's work (compressing, writing, flushing) then runs on a spare core. Interrupted
+    (Ctrl-C, a failing simulator), the chunk being handled is still finished, so what ``handle``
+    saved of it is kept.
+    """
+    with ThreadPoolExecutor(1, thread_name_prefix="sbi-gen-store") as helper:
+        pending: Future | None = None
+        try:
+            for i in todo:
+                chunk = run_chunk(simulator, prior, sizes[i], seeds[i])
+                if pending is not None:
+                    done, pending = pending, None
+                    yield done.result()
+                pending = helper.submit(handle, i, chunk)
+            if pending is not None:
+                done, pending = pending, None
+                yield done.result()
+        finally:
+            if pending is not None:
+                with contextlib.suppress(BaseException):
+                    pending.result()
+
+
 def _write_behind(
     simulator: Any,
     prior: Any,
@@ -716,34 +743,20 @@ def _write_behind(
     seeds: list[np.random.SeedSequence],
     record: Callable[[dict[str, Any]], None],
 ) -> dict[str, Any] | None:
-    """One process: a thread writes (and flushes) chunk i while this one simulates chunk i + 1.
-
-    ``pwrite`` and ``fdatasync`` release the GIL, so on a machine with a spare core the store
-    costs the simulation almost nothing; at most two chunks are held in memory.
-    """
+    """One process, uncompressed: chunk i is written, flushed and journalled in a thread while
+    chunk i + 1 simulates (``pwrite`` and ``fdatasync`` release the GIL)."""
     state = {"layout": layout}
 
-    def write(index: int, chunk: dict[str, Any]) -> dict[str, Any]:
-        # The writer thread also creates the file, from the first chunk, while chunk 2 simulates.
+    def write(index: int, chunk: dict[str, Any]) -> None:
+        # The thread also creates the file, from the first chunk, while chunk 2 simulates; it
+        # journals each chunk itself, so a chunk on disk when a run is interrupted stays done.
         state["layout"], entry = _write_here(partial, run, state["layout"], index, chunk)
-        return entry
+        record(entry)
 
-    with ThreadPoolExecutor(1, thread_name_prefix="sbi-gen-writer") as writer:
-        pending: Future | None = None
-        try:
-            for i in todo:
-                chunk = run_chunk(simulator, prior, sizes[i], seeds[i])
-                if pending is not None:
-                    record(pending.result())
-                pending = writer.submit(write, i, chunk)
-            if pending is not None:
-                record(pending.result())
-                pending = None
-        finally:
-            # Interrupted (Ctrl-C, a failing simulator): a chunk already on disk is still kept.
-            if pending is not None:
-                with contextlib.suppress(BaseException):
-                    record(pending.result())
+    results = _handle_behind(simulator, prior, todo, sizes, seeds, write)
+    with contextlib.closing(results):
+        for _ in results:
+            pass
     return state["layout"]
 
 
@@ -848,22 +861,13 @@ def _local_chunks(
     """Simulate chunks ``todo`` in local processes; yield ``(chunk index, shard)`` as each finishes."""
     if workers == 1:
         # One process: a thread encodes and saves chunk i while this one simulates chunk i + 1.
-        with ThreadPoolExecutor(1, thread_name_prefix="sbi-gen-encoder") as encoder:
-            pending: tuple[int, Future] | None = None
-            try:
-                for i in todo:
-                    chunk = run_chunk(simulator, prior, sizes[i], seeds[i])
-                    if pending is not None:
-                        yield pending[0], pending[1].result()
-                    pending = (i, encoder.submit(_save_shard, chunk, chunk_size, compression, shards[i]))
-                if pending is not None:
-                    index, future = pending
-                    pending = None
-                    yield index, future.result()
-            finally:
-                if pending is not None:  # interrupted: a chunk being saved is still kept
-                    with contextlib.suppress(BaseException):
-                        pending[1].result()
+        def save(index: int, chunk: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+            _write_shard(shards[index], _encode_shard(chunk, chunk_size, compression))
+            return index, _load_shard(shards[index])
+
+        results = _handle_behind(simulator, prior, todo, sizes, seeds, save)
+        with contextlib.closing(results):
+            yield from results
         return
     # Workers inherit the simulator through fork: only chunk indices and seeds are pickled.
     task = functools.partial(_simulate_chunk_to_shard, simulator, prior, chunk_size, compression)
