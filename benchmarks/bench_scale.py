@@ -7,9 +7,10 @@
    size, and reports that process's peak resident memory (``ru_maxrss``) with the ratio between
    the largest and the smallest size. Target: flat within 20%. ``--in-memory`` adds the same
    training with the file loaded, at the smallest size, for contrast.
-2. When a CUDA GPU is present, one NPE training on two_moons on the GPU and on the CPU
-   (identical settings), and one streamed epoch of the smallest file on the GPU; otherwise it
-   says it skipped them.
+2. When a CUDA GPU is present, NPE trainings on the GPU and on the CPU with identical settings:
+   two_moons (small flows, where kernel launches dominate) and 64x64 cosmology maps with the
+   CNN embedding (where convolutions dominate), and one streamed epoch of the smallest file
+   on each; otherwise it says it skipped them. ``--skip-memory`` runs this part alone.
 
     python benchmarks/bench_scale.py                         # 1 GiB and 4 GiB (about 10 GiB of disk while simulating)
     python benchmarks/bench_scale.py --sizes 64MB 256MB      # quick
@@ -151,6 +152,20 @@ def memory_section(args: argparse.Namespace, workdir: str) -> list[str]:
     return paths
 
 
+def _time_fit(make_npe, theta: torch.Tensor, x: torch.Tensor, device: str, epochs: int, batch_size: int):
+    """Seconds and history of one fixed-length NPE training on ``device``."""
+    from sbi_gen.train import TrainConfig
+
+    torch.manual_seed(0)
+    npe = make_npe(device)
+    config = TrainConfig(max_epochs=epochs, patience=epochs, batch_size=batch_size, progress=False, device=device)
+    started = time.perf_counter()
+    history = npe.fit((theta, x), config=config)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - started, history
+
+
 def gpu_section(args: argparse.Namespace, paths: list[str]) -> None:
     if not torch.cuda.is_available():
         print("GPU vs CPU: skipped (no CUDA GPU: torch.cuda.is_available() is False)")
@@ -158,27 +173,29 @@ def gpu_section(args: argparse.Namespace, paths: list[str]) -> None:
     import simulators
     from sbi_gen.inference import NPE
     from sbi_gen.simulate import simulate
-    from sbi_gen.train import TrainConfig
 
     torch.set_num_threads(args.threads)
-    task = simulators.get("two_moons")
-    data = simulate(task, n=args.gpu_n, seed=0)
-    theta, x = torch.as_tensor(data["theta"]).float(), torch.as_tensor(data["x"]).float()
-    print(f"NPE on two_moons, {args.gpu_n:,} simulations, {args.gpu_epochs} epochs, batch 256, "
-          f"in memory ({torch.cuda.get_device_name()}; CPU with {args.threads} thread(s))")
-    seconds = {}
-    for device in ("cpu", "cuda"):
-        torch.manual_seed(0)
-        npe = NPE(task.prior, estimator_kwargs={"transforms": 5, "hidden_features": [128, 128]})
-        config = TrainConfig(max_epochs=args.gpu_epochs, patience=args.gpu_epochs, progress=False, device=device)
-        started = time.perf_counter()
-        history = npe.fit((theta, x), config=config)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        seconds[device] = time.perf_counter() - started
-        print(f"  {device:<5} {seconds[device]:7.1f} s ({seconds[device] / len(history.val_loss):.2f} s/epoch), "
-              f"best validation loss {history.best_val_loss:.3f}", flush=True)
-    print(f"  GPU speed-up: {seconds['cpu'] / seconds['cuda']:.1f}x")
+    moons = simulators.get("two_moons")
+    cosmology = simulators.get("cosmology", n_pix=args.gpu_map_pixels)
+    workloads = [
+        (f"NPE on two_moons, {args.gpu_n:,} simulations, NSF 5 x (128, 128), batch 256",
+         moons, args.gpu_n, 256, lambda device: NPE(moons.prior, estimator_kwargs={"transforms": 5, "hidden_features": [128, 128]},
+                                                     device=device)),
+        (f"NPE on cosmology maps {args.gpu_map_pixels}x{args.gpu_map_pixels}, {args.gpu_maps:,} simulations, "
+         "NSF with the default CNN embedding, batch 128",
+         cosmology, args.gpu_maps, 128, lambda device: NPE(cosmology.prior, device=device)),
+    ]
+    print(f"GPU vs CPU, {args.gpu_epochs} epochs each ({torch.cuda.get_device_name()}; CPU with {args.threads} thread(s))")
+    for title, task, n, batch_size, make_npe in workloads:
+        data = simulate(task, n=n, seed=0)
+        theta, x = torch.as_tensor(data["theta"]).float(), torch.as_tensor(data["x"]).float()
+        print(title, flush=True)
+        seconds = {}
+        for device in ("cpu", "cuda"):
+            seconds[device], history = _time_fit(make_npe, theta, x, device, args.gpu_epochs, batch_size)
+            print(f"  {device:<5} {seconds[device]:7.1f} s ({seconds[device] / len(history.val_loss):.2f} s/epoch), "
+                  f"best validation loss {history.best_val_loss:.3f}", flush=True)
+        print(f"  GPU speed-up: {seconds['cpu'] / seconds['cuda']:.1f}x", flush=True)
     if paths:
         for device in ("cpu", "cuda"):
             run = run_child(paths[0], True, args, device=device)
@@ -195,6 +212,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each training process")
     parser.add_argument("--in-memory", action="store_true", help="also train on the smallest file loaded in memory")
     parser.add_argument("--gpu-n", type=int, default=50_000, help="simulations of the GPU vs CPU timing")
+    parser.add_argument("--gpu-maps", type=int, default=5_000, help="cosmology maps of the GPU vs CPU timing")
+    parser.add_argument("--gpu-map-pixels", type=int, default=64, help="side of the cosmology maps (default 64)")
     parser.add_argument("--gpu-epochs", type=int, default=5)
     parser.add_argument("--skip-memory", action="store_true", help="only the GPU vs CPU section")
     parser.add_argument("--workdir", default=None, help="where the files go (default: a temporary directory)")
