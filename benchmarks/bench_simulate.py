@@ -6,7 +6,9 @@ into a crash-safe HDF5 file (`simulate_to_hdf5`) with 1 and 2 worker processes, 
 and the ratios store / in-memory (the overhead of writing; target ≤ 1.10 for particle at
 n = 100,000 and cosmology at n = 10,000) and 2 workers / 1 worker (target ≥ 1.6× for the
 cosmology maps). Figures on a machine running nothing else: other load makes the worker
-processes and the writing thread compete for cores.
+processes and the writing thread compete for cores. The row ``bare`` simulates the same
+chunks in 1 and 2 forked processes and keeps nothing: its speed-up is the most that two
+processes give on this machine with no store at all (they share caches and memory bandwidth).
 
     python benchmarks/bench_simulate.py [--repeats 3] [--simulators particle cosmology] [--compression gzip none]
     python benchmarks/bench_simulate.py --simulators cosmology --n cosmology=50000
@@ -20,8 +22,11 @@ import shutil
 import tempfile
 import time
 
+import numpy as np
+
 import simulators
-from sbi_gen.simulate import simulate
+from sbi_gen.parallel import run_tasks
+from sbi_gen.simulate import run_chunk, simulate
 from sbi_gen.store import simulate_to_hdf5
 
 SIZES = {"particle": 100_000, "cosmology": 10_000, "gaussian_linear": 100_000, "two_moons": 100_000, "slcp": 100_000}
@@ -36,6 +41,20 @@ def _best(fn, repeats: int, setup=None) -> float:
         fn()
         times.append(time.perf_counter() - started)
     return min(times)
+
+
+def _simulate_only(sim, n: int, chunk_size: int, workers: int) -> None:
+    """The store's chunks and streams, simulated in ``workers`` forked processes, nothing kept:
+    the most two processes can give on this machine, whatever the store does."""
+    seeds = np.random.SeedSequence(0).spawn(-(-n // chunk_size))
+    sizes = [min(chunk_size, n - i * chunk_size) for i in range(len(seeds))]
+
+    def chunk(i: int) -> int:
+        run_chunk(sim, sim.prior, sizes[i], seeds[i])
+        return i  # nothing to pickle back
+
+    for _ in run_tasks(chunk, [(i,) for i in range(len(seeds))], workers=workers):
+        pass
 
 
 def main() -> None:
@@ -57,6 +76,9 @@ def main() -> None:
             n = sizes.get(name, 10_000)
             simulate(sim, n=min(n, 2000), seed=0)  # warm up tables and imports
             memory = _best(lambda sim=sim, n=n: simulate(sim, n=n, seed=0, chunk_size=args.chunk_size), args.repeats)
+            bare = {w: _best(lambda sim=sim, n=n, w=w: _simulate_only(sim, n, args.chunk_size, w), args.repeats) for w in (1, 2)}
+            print(f"{name:<16}{n:>9,}{'bare':>6}{n / memory:>14,.0f}{n / bare[1]:>12,.0f}{n / bare[2]:>12,.0f}"
+                  f"{bare[1] / memory:>9.2f}{bare[2] / memory:>9.2f}{bare[1] / bare[2]:>10.2f}×", flush=True)
             for label in args.compression:
                 compression = None if label == "none" else label
                 files = {}
