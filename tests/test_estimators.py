@@ -304,3 +304,35 @@ def test_nsf_fits_a_conditional_gaussian():
     assert gap.mean() < 0.05 + 4 * se, f"NLL {nll.mean():.3f} vs entropy {entropy:.3f}"
     assert gap.mean() > -4 * se  # no model beats the truth: a normalization bug would
     assert abs(nll.mean() - entropy) < 0.05 + 4 * se + 4 * nll.std() / math.sqrt(len(nll))
+
+
+def test_nsf_spline_matches_zukos_and_takes_its_weights():
+    import zuko
+    from zuko.transforms import MonotonicRQSTransform
+
+    from sbi_gen.estimators.flows import _RQSTransform
+
+    generator = torch.Generator().manual_seed(0)
+    # Widely spread parameters (bins squeezed to the minimum slope) as well as typical ones.
+    widths, heights = 30 * torch.randn(64, 3, 8, generator=generator), torch.randn(64, 3, 8, generator=generator)
+    derivatives = 5 * torch.randn(64, 3, 7, generator=generator)
+    for params in ((widths, heights, derivatives), (heights, widths / 30, derivatives / 5)):
+        params = [p.clone().requires_grad_() for p in params]
+        ours, theirs = _RQSTransform(*params), MonotonicRQSTransform(*params, slope=1e-3)
+        x = 6 * torch.randn(64, 3, generator=generator)  # some beyond the bound of 5: identity there
+        y, ladj = ours.call_and_ladj(x)
+        y_ref, ladj_ref = theirs.call_and_ladj(x)
+        torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ladj, ladj_ref, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(ours.inv(y), theirs.inv(y_ref), atol=1e-4, rtol=1e-4)
+        grads = torch.autograd.grad(ladj.sum() + y.sum(), params)
+        grads_ref = torch.autograd.grad(ladj_ref.sum() + y_ref.sum(), params)
+        for g, g_ref in zip(grads, grads_ref):
+            torch.testing.assert_close(g, g_ref, atol=1e-4, rtol=1e-4)
+    # The whole flow: zuko's NSF loads our weights and gives the same densities.
+    torch.manual_seed(0)
+    est = build_estimator("nsf", 3, (2,), **SMALL["nsf"])
+    reference = zuko.flows.NSF(3, est.context_features, transforms=2, hidden_features=[16, 16], bins=4)
+    reference.load_state_dict(est.flow.state_dict())
+    c, y = torch.randn(50, est.context_features), torch.randn(50, 3)
+    torch.testing.assert_close(est.flow(c).log_prob(y), reference(c).log_prob(y), atol=1e-4, rtol=1e-4)

@@ -52,13 +52,15 @@ def test_npe_linear_gaussian_3d_matches_the_analytic_posterior():
     data = simulate(task, n=10_000, seed=0)
     torch.manual_seed(0)
     npe = NPE(task.prior)
-    npe.fit((data["theta"], data["x"]), config=TrainConfig(progress=False))
+    # The training a user gets from npe.fit(data): the estimator's training defaults.
+    npe.fit((data["theta"], data["x"]), config=npe.train_config(progress=False))
     _, x_o = task.observations(2, seed=1)
     scores = [
         c2st(task.reference_posterior(x, 2000, seed=i), npe.posterior(x).sample((2000,)).numpy(), early_stopping=True)
         for i, x in enumerate(x_o)
     ]
     # Indistinguishable sets give 0.5 ± 0.008 (2×2000 points); 0.55 leaves room for a learned model's error.
+    # Measured over training seeds 0-3: mean 0.512-0.534 (plain TrainConfig(): 0.522-0.553).
     assert np.mean(scores) <= 0.55, scores
 
 
