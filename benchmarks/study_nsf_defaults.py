@@ -85,6 +85,18 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
         "train": {"patience": 20, "lr_patience": 8, "learning_rate": 5e-4, "batch_size": 200},
         "nsf": {"hidden_features": [50, 50]},
     },
+    # The defaults, with progress counted only for falls of the validation loss by at least
+    # min_delta nats: the rate halves, and training stops, once the late creep is that slow.
+    "short_b512_lr2e3_md002": {
+        "train": {"ema_decay": 0.999, "patience": 10, "lr_patience": 4, "learning_rate": 2e-3, "batch_size": 512,
+                  "min_delta": 0.002},
+        "nsf": {},
+    },
+    "short_b512_lr2e3_md005": {
+        "train": {"ema_decay": 0.999, "patience": 10, "lr_patience": 4, "learning_rate": 2e-3, "batch_size": 512,
+                  "min_delta": 0.005},
+        "nsf": {},
+    },
     "short_b1024_lr3e3": {
         "train": {"ema_decay": 0.999, "patience": 10, "lr_patience": 4, "learning_rate": 3e-3, "batch_size": 1024},
         "nsf": {},

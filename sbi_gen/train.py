@@ -108,6 +108,9 @@ class TrainConfig:
             it falls below ``min_learning_rate``. ``"cosine"``: a fixed budget, the rate falls
             from ``learning_rate`` to ``min_learning_rate`` along a half cosine over
             ``max_epochs`` epochs (early stopping after ``patience`` epochs still applies).
+        min_delta: The fall of the validation loss (in its units, nats for likelihoods) that
+            counts as progress: ``patience`` and ``lr_patience`` count epochs since the last
+            such fall. Any lower loss still replaces the best weights.
     """
 
     batch_size: int = 256
@@ -127,6 +130,7 @@ class TrainConfig:
     streaming_threshold: int | None = None
     ema_decay: float | None = None
     lr_schedule: str = "plateau"
+    min_delta: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "max_epochs", "patience", "lr_patience"):
@@ -146,6 +150,8 @@ class TrainConfig:
             raise ValueError(f"ema_decay must be in (0, 1) or None, got {self.ema_decay}")
         if self.lr_schedule not in ("plateau", "cosine"):
             raise ValueError(f"lr_schedule must be 'plateau' or 'cosine', got {self.lr_schedule!r}")
+        if not self.min_delta >= 0:
+            raise ValueError(f"min_delta must be a non-negative loss difference, got {self.min_delta}")
 
 
 @dataclass
@@ -409,7 +415,8 @@ def _train(estimator: nn.Module, batches: _Batches, config: TrainConfig, device:
         )
     else:
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode="min", factor=config.lr_factor, patience=config.lr_patience
+            optimizer, mode="min", factor=config.lr_factor, patience=config.lr_patience,
+            **({"threshold": config.min_delta, "threshold_mode": "abs"} if config.min_delta > 0 else {}),
         )
     history = History(n_train=batches.n_train, n_val=batches.n_val, streaming=batches.streaming, world_size=info.world_size)
     ema = _WeightAverage(estimator, config.ema_decay) if config.ema_decay is not None else None
@@ -417,6 +424,7 @@ def _train(estimator: nn.Module, batches: _Batches, config: TrainConfig, device:
     bar = _progress(config) if info.rank == 0 else None
     started = time.perf_counter()
     epochs_since_best = 0
+    progress_mark = math.inf  # the validation loss of the last fall by at least min_delta
     try:
         for epoch in range(config.max_epochs):
             step.train()
@@ -450,6 +458,8 @@ def _train(estimator: nn.Module, batches: _Batches, config: TrainConfig, device:
             if val_loss < history.best_val_loss:
                 history.best_val_loss, history.best_epoch = val_loss, epoch
                 best_state = copy.deepcopy(estimator.state_dict())
+            if val_loss < progress_mark - config.min_delta:
+                progress_mark = val_loss
                 epochs_since_best = 0
             else:
                 epochs_since_best += 1

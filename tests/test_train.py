@@ -141,3 +141,29 @@ def test_ema_weights_are_validated_and_restored():
     assert history.best_epoch == 1 and float(module.w.detach()) == pytest.approx(val[-1], rel=1e-6)
     with pytest.raises(ValueError, match="ema_decay"):
         TrainConfig(ema_decay=1.0)
+
+
+def test_min_delta_counts_only_large_enough_falls_as_progress():
+    # Adam at 1e-4 moves w by about 1e-4 per step towards 3: 9 steps per epoch lower the
+    # squared error by about 2 * 3 * 9e-4 = 0.005 per epoch, a tenth of min_delta.
+    y, c = 3.0 + 0.1 * torch.randn(640, 1, generator=torch.Generator().manual_seed(0)), torch.zeros(640, 1)
+    common = {"max_epochs": 12, "batch_size": 64, "learning_rate": 1e-4, "progress": False}
+    histories = {}
+    for min_delta in (0.0, 0.05):
+        module = _RecordingMean()
+        config = TrainConfig(**common, patience=3, lr_patience=100, min_delta=min_delta)
+        histories[min_delta] = fit(module, (y, c), config=config, standardize=False)
+        # Every epoch still lowers the loss, so the last one's weights are kept either way.
+        assert histories[min_delta].best_epoch == len(histories[min_delta].val_loss) - 1
+        assert float(module.w.detach()) == pytest.approx(module.calls[-1][1])
+    assert np.all(np.diff(histories[0.0].val_loss) < 0)
+    assert len(histories[0.0].val_loss) == 12 and not histories[0.0].stopped_early
+    # The first epoch sets the mark; three epochs without a fall of 0.05 stop the run.
+    assert len(histories[0.05].val_loss) == 4 and histories[0.05].stopped_early
+    # The rate schedule counts progress the same way.
+    for min_delta, halved in ((0.0, False), (0.05, True)):
+        config = TrainConfig(**common, patience=100, lr_patience=2, min_delta=min_delta)
+        rates = fit(_RecordingMean(), (y, c), config=config, standardize=False).learning_rate
+        assert (rates[-1] < rates[0]) == halved
+    with pytest.raises(ValueError, match="min_delta"):
+        TrainConfig(min_delta=-1.0)
