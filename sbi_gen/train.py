@@ -110,7 +110,11 @@ class TrainConfig:
             ``max_epochs`` epochs (early stopping after ``patience`` epochs still applies).
         min_delta: The fall of the validation loss (in its units, nats for likelihoods) that
             counts as progress: ``patience`` and ``lr_patience`` count epochs since the last
-            such fall. Any lower loss still replaces the best weights.
+            such fall. Any lower loss still replaces the best weights. It trades accuracy for
+            time: NPE on two_moons (10,000 simulations, NSF defaults, 4 observations × 4
+            training seeds, ``benchmarks/study_nsf_defaults.py``) gave C2ST 0.558 in 70 s with
+            0, 0.563 in 46 s with 0.002 and 0.566 in 36 s with 0.005 nats: the slow late
+            fall of the validation loss is still worth having there.
     """
 
     batch_size: int = 256
