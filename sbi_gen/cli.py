@@ -398,16 +398,17 @@ _positive_int = _integer_at_least(1, "positive")
 _non_negative_int = _integer_at_least(0, "non-negative")
 
 
-def _positive_number(what: str) -> Callable[[str], float]:
-    """An argparse type: a positive number, with a one-line message otherwise."""
+def _positive_number(what: str, allow_zero: bool = False) -> Callable[[str], float]:
+    """An argparse type: a positive (or non-negative) number, with a one-line message otherwise."""
+    kind = "non-negative" if allow_zero else "positive"
 
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a positive {what}, got {text!r}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"expected a positive {what}, got {text}")
+            raise argparse.ArgumentTypeError(f"expected a {kind} {what}, got {text!r}") from None
+        if not (value >= 0 if allow_zero else value > 0):
+            raise argparse.ArgumentTypeError(f"expected a {kind} {what}, got {text}")
         return value
 
     return parse
@@ -415,9 +416,10 @@ def _positive_number(what: str) -> Callable[[str], float]:
 
 _positive_seconds = _positive_number("number of seconds")
 _positive_float = _positive_number("number")
+_non_negative_float = _positive_number("number", allow_zero=True)
 
 
-_TRAINING_OPTIONS = ("batch_size", "learning_rate", "max_epochs", "patience")
+_TRAINING_OPTIONS = ("batch_size", "learning_rate", "max_epochs", "patience", "min_delta")
 
 
 def _training_options(parser: argparse.ArgumentParser, defaults: str) -> None:
@@ -427,6 +429,9 @@ def _training_options(parser: argparse.ArgumentParser, defaults: str) -> None:
     parser.add_argument("--learning-rate", type=_positive_float, default=None, help=default)
     parser.add_argument("--max-epochs", type=_positive_int, default=None, help=default)
     parser.add_argument("--patience", type=_positive_int, default=None, help=f"epochs without improvement before stopping ({default})")
+    parser.add_argument("--min-delta", type=_non_negative_float, default=None,
+                        help="fall of the validation loss that counts as improvement: faster, slightly less accurate "
+                        "(default: 0, any fall)")
     parser.add_argument("--seed", type=_non_negative_int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
 

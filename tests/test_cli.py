@@ -131,7 +131,8 @@ def test_train_and_sample_end_to_end(tmp_path):
     sbi_gen("simulate", "two_moons", "--n", 2000, "--out", data, "--seed", 0, "--quiet")
     model = tmp_path / "model"
     out = sbi_gen("train", data, "--method", "npe", "--estimator", "nsf", "--out", model, "--max-epochs", 3,
-                  "--estimator-kwargs", '{"transforms": 2, "hidden_features": [32, 32]}', "--quiet").stdout
+                  "--min-delta", 0.001, "--estimator-kwargs", '{"transforms": 2, "hidden_features": [32, 32]}',
+                  "--quiet").stdout
     assert "model saved" in out and (model / "config.json").exists() and (model / "weights.pt").exists()
     samples = tmp_path / "samples.h5"
     out = sbi_gen("sample", model, "--obs", ROOT / "data/observations/two_moons.h5", "--index", 1, "--n", 500, "--out", samples).stdout
@@ -155,6 +156,8 @@ def test_train_and_sample_end_to_end(tmp_path):
     assert_one_line_error(sbi_gen("train", data, "--estimator", "gan", "--out", tmp_path / "m", check=False),
                           "unknown estimator 'gan'")
     assert_one_line_error(sbi_gen("train", tmp_path / "none.h5", "--out", tmp_path / "m", check=False), "no such file")
+    assert_one_line_error(sbi_gen("train", data, "--min-delta", -0.1, "--out", tmp_path / "m", check=False),
+                          "expected a non-negative number, got -0.1")
 
 
 def test_train_auto_reports_both_families_and_keeps_one(tmp_path):
