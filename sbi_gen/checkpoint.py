@@ -139,6 +139,8 @@ def load_model(path: str | os.PathLike[str], device: str = "cpu") -> NPE | NLE:
     except RuntimeError as error:
         raise CheckpointError(f"{path}: the weights do not fit the configured estimator: {str(error).splitlines()[0]}") from None
     model.estimator = estimator.to(device_).eval()
+    if isinstance(model, NPE):  # the estimator's config says whether θ went through the prior's bijection
+        model.bijection = config["estimator"].get("y_prior") is not None
     model.x_shape = tuple(config["x_shape"])
     model.metadata = config.get("metadata") or {}
     if config.get("history"):

@@ -235,9 +235,23 @@ class NPE(_Method):
         estimator_kwargs: Hyperparameters of the estimator.
         embedding_kwargs: Hyperparameters of the embedding.
         device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
+        bijection: ``True`` (default): θ is modelled in the prior's unconstrained space (a
+            logit per bounded side), so no draw can leave the support and no rejection is
+            needed, whatever the posterior. ``False``: θ is z-scored as it is, and draws
+            outside the support are rejected (with the acceptance estimate and the leakage
+            warning of :class:`NPEPosterior`); ``log_prob`` is renormalized by that share.
+            Measured (``benchmarks/study_nsf_defaults.py``, variant ``short_b512_lr2e3_unbounded``,
+            4 observations × 4 training seeds, 10,000 simulations): two_moons C2ST 0.546
+            without the bijection against 0.558 with it (lower on every seed, by 0.009–0.017),
+            slcp 0.858 against 0.863 (seed 0). The default keeps the guarantee; posteriors
+            well inside a box prior may be fitted better without it.
     """
 
     method = "npe"
+
+    def __init__(self, prior: Prior | None = None, estimator: str | None = None, *, bijection: bool = True, **kwargs: Any):
+        super().__init__(prior, estimator, **kwargs)
+        self.bijection = bool(bijection)
 
     def _roles(self, theta: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
         return theta, x
@@ -250,7 +264,7 @@ class NPE(_Method):
             x_shape,
             embedding=self.embedding,
             embedding_kwargs=self.embedding_kwargs or None,
-            y_prior=self.prior.to_dict(),
+            y_prior=self.prior.to_dict() if self.bijection else None,
             **self.estimator_kwargs,
         ).to(self.device)
 
@@ -268,8 +282,26 @@ class NPE(_Method):
         x = torch.as_tensor(np.asarray(x) if not isinstance(x, Tensor) else x, dtype=torch.float32)
         if tuple(x.shape[1:]) != self.x_shape:
             raise ValueError(f"x has shape {tuple(x.shape)}; expected (B, {', '.join(map(str, self.x_shape or ()))})")
-        out = [estimator(x[i : i + batch_size].to(self.device)).sample((n,)) for i in range(0, len(x), batch_size)]
+        out = [self._draw_inside(estimator(x[i : i + batch_size].to(self.device)), n) for i in range(0, len(x), batch_size)]
         return torch.cat(out, dim=1)
+
+    def _draw_inside(self, dist: Distribution, n: int, max_rounds: int = 50) -> Tensor:
+        """``dist.sample((n,))``, with draws outside the prior's support (possible only without
+        the bijection) replaced by fresh draws for the same observation."""
+        draws = dist.sample((n,))
+        if self.bijection:
+            return draws
+        assert self.prior is not None
+        for _ in range(max_rounds):
+            outside = ~torch.isfinite(self.prior.log_prob(draws.reshape(-1, self.prior.dim).cpu()))
+            outside = outside.reshape(draws.shape[:-1]).to(draws.device)
+            if not outside.any():
+                return draws
+            draws = torch.where(outside.unsqueeze(-1), dist.sample((n,)), draws)
+        raise RuntimeError(
+            f"posterior draws kept falling outside the prior's support after {max_rounds} rounds; "
+            "the estimator is badly trained for some observations (or use bijection=True)"
+        )
 
 
 class NPEPosterior(Distribution):

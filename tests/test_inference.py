@@ -114,6 +114,35 @@ def test_npe_samples_stay_in_a_box_prior_and_log_prob_is_minus_inf_outside():
     assert batched.shape == (30, 7, 2) and torch.isfinite(prior.log_prob(batched)).all()
 
 
+def test_npe_without_the_bijection_rejects_draws_outside_and_renormalizes(tmp_path):
+    from sbi_gen.checkpoint import load_model, save
+
+    prior = BoxUniform([0.0, 0.0], [1.0, 1.0])
+    sim = as_simulator(lambda theta, rng: theta + 0.3 * rng.normal(size=theta.shape), prior, name="box")
+    data = simulate(sim, n=1000, seed=0)
+    torch.manual_seed(0)
+    npe = NPE(prior, estimator_kwargs={"transforms": 1, "hidden_features": [16]}, bijection=False)
+    npe.fit((data["theta"], data["x"]), config=TrainConfig(max_epochs=3, progress=False))
+    assert npe.estimator.y_prior is None
+    posterior = npe.posterior(np.array([0.98, 0.02]))  # near a corner: mass leaks out of the box
+    samples = posterior.sample((5000,))
+    assert samples.shape == (5000, 2) and torch.isfinite(prior.log_prob(samples)).all()
+    assert posterior.acceptance < 0.95  # draws were rejected
+    # The density is renormalized to the box: midpoint quadrature on a 200 x 200 grid. The
+    # acceptance is a share of >= 5000 draws (standard error <= 0.007), so 0.05 is 7 errors.
+    grid = (torch.stack(torch.meshgrid(*[torch.arange(200) + 0.5] * 2, indexing="ij"), -1).reshape(-1, 2)) / 200
+    assert float(posterior.log_prob(grid).exp().mean()) == pytest.approx(1.0, abs=0.05)
+    assert posterior.log_prob(torch.tensor([[1.5, 0.5]])).item() == -math.inf
+    batched = npe.sample_batched(np.array([[0.98, 0.02], [0.5, 0.5], [1.1, -0.1]]), 2000)
+    assert batched.shape == (2000, 3, 2) and torch.isfinite(prior.log_prob(batched.reshape(-1, 2))).all()
+    save(npe, tmp_path / "model")
+    loaded = load_model(tmp_path / "model")
+    assert isinstance(loaded, NPE) and loaded.bijection is False
+    torch.testing.assert_close(loaded.estimator(torch.tensor([0.5, 0.5])).log_prob(grid[:50]),
+                               npe.estimator(torch.tensor([0.5, 0.5])).log_prob(grid[:50]))
+    assert load_model(tmp_path / "model").posterior(np.array([0.5, 0.5])).sample((100,)).shape == (100, 2)
+
+
 def test_clear_errors_for_bad_use():
     prior, sim = _gaussian_toy()
     data = simulate(sim, n=200, seed=0)
