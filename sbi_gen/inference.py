@@ -285,22 +285,45 @@ class NPE(_Method):
         out = [self._draw_inside(estimator(x[i : i + batch_size].to(self.device)), n) for i in range(0, len(x), batch_size)]
         return torch.cat(out, dim=1)
 
-    def _draw_inside(self, dist: Distribution, n: int, max_rounds: int = 50) -> Tensor:
-        """``dist.sample((n,))``, with draws outside the prior's support (possible only without
-        the bijection) replaced by fresh draws for the same observation."""
+    def _draw_inside(self, dist: Distribution, n: int, max_rounds: int = 20) -> Tensor:
+        """``n`` draws per observation of a batched ``dist``, inside the prior's support.
+
+        Without the bijection, draws outside are replaced by the next draws inside for the same
+        observation: each round draws, for every observation, enough to fill the column with
+        the most holes at the acceptance seen so far (plus 10 %).
+        """
         draws = dist.sample((n,))
         if self.bijection:
             return draws
         assert self.prior is not None
+        dim = self.prior.dim
+
+        def outside_of(theta: Tensor) -> Tensor:
+            log_prior = self.prior.log_prob(theta.reshape(-1, dim).cpu()).reshape(theta.shape[:-1])
+            return ~torch.isfinite(log_prior).to(theta.device)
+
+        outside = outside_of(draws)
+        drawn, kept = draws.shape[0] * draws.shape[1], int((~outside).sum())
         for _ in range(max_rounds):
-            outside = ~torch.isfinite(self.prior.log_prob(draws.reshape(-1, self.prior.dim).cpu()))
-            outside = outside.reshape(draws.shape[:-1]).to(draws.device)
-            if not outside.any():
+            holes = outside.sum(0)
+            if not bool(holes.any()):
                 return draws
-            draws = torch.where(outside.unsqueeze(-1), dist.sample((n,)), draws)
+            acceptance = max(kept / drawn, 1e-3)
+            extra = dist.sample((math.ceil(1.1 * int(holes.max()) / acceptance) + 10,))
+            outside_extra = outside_of(extra)
+            inside_extra = ~outside_extra
+            drawn, kept = drawn + inside_extra.numel(), kept + int(inside_extra.sum())
+            # The r-th hole of a column takes the column's r-th new draw inside the support.
+            order = torch.argsort(outside_extra.to(torch.int8), dim=0, stable=True)
+            rank = (torch.cumsum(outside.to(torch.int64), dim=0) - 1).clamp(0, len(extra) - 1)
+            source = order.gather(0, rank)
+            filled = outside & (rank < inside_extra.sum(0))
+            candidates = extra.gather(0, source.unsqueeze(-1).expand(-1, -1, dim))
+            draws = torch.where(filled.unsqueeze(-1), candidates, draws)
+            outside = outside & ~filled
         raise RuntimeError(
-            f"posterior draws kept falling outside the prior's support after {max_rounds} rounds; "
-            "the estimator is badly trained for some observations (or use bijection=True)"
+            f"posterior draws kept falling outside the prior's support ({100 * kept / drawn:.1f}% inside); "
+            "the estimator is badly trained for some observations (or keep the default bijection=True)"
         )
 
 
