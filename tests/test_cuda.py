@@ -72,6 +72,16 @@ def test_npe_on_gpu_saves_a_checkpoint_that_loads_on_cpu(tmp_path, moons, estima
     assert all(p.device.type == "cuda" for p in back.estimator.parameters())
 
 
+def test_npe_without_the_bijection_rejects_on_gpu(moons):
+    task, theta, x = moons
+    npe = NPE(task.prior, estimator_kwargs=SMALL["nsf"], device="cuda", bijection=False)
+    npe.fit((theta, x), config=TrainConfig(**FAST))
+    draws = npe.posterior(x[0]).sample((500,))
+    assert draws.device.type == "cuda" and bool(task.prior.support.check(draws.cpu()).all())
+    batched = npe.sample_batched(x[:5], 300)
+    assert batched.shape == (300, 5, 2) and bool(task.prior.support.check(batched.cpu()).all())
+
+
 def test_nle_on_gpu_samples_by_mcmc(moons):
     task, theta, x = moons
     nle = NLE(task.prior, "maf", estimator_kwargs=SMALL["maf"], device="cuda")
