@@ -13,8 +13,8 @@ Methods:
   an ODE solve per MCMC call).
 - `ours-npe-auto` (opt-in): `NPE(prior, "auto")`, NSF and MAF both trained, the lower
   validation loss kept.
-- `ours-npe-unbounded` (opt-in): `NPE(prior, bijection=False)`, θ modelled as it is and
-  draws outside the prior rejected.
+- `ours-npe-bijection` (opt-in): `NPE(prior, bijection=True)`, θ modelled in the prior's
+  unconstrained space (the default models θ as it is and rejects draws outside the prior).
 - `sbi-npe`, `sbi-nle`: sbi's defaults (`NPE(prior)`, `NLE(prior)`; NLE sampled with sbi's
   default MCMC, `slice_np_vectorized`).
 - `zuko`: what a capable user writes without a package: z-scored θ and x, a zuko NSF
@@ -44,7 +44,7 @@ from sbi_gen.simulate import simulate
 METHODS = ["ours-npe", "ours-nle", "sbi-npe", "sbi-nle", "zuko"]
 # The other generative families behind the same interface (``ours-KIND-ESTIMATOR``).
 FAMILIES = ["ours-npe-vae", "ours-npe-diffusion", "ours-nle-vae", "ours-nle-diffusion", "ours-npe-auto",
-            "ours-npe-unbounded"]
+            "ours-npe-bijection"]
 
 
 def _sbi_prior(task):
@@ -59,8 +59,8 @@ def _sbi_prior(task):
 def run_ours(kind, task, theta, x, observations, n_samples, seed, estimator=None):
     torch.manual_seed(seed)  # the initial weights, as for sbi and the zuko script
     options = {}
-    if estimator == "unbounded":  # the default estimator, θ modelled without the prior's bijection
-        estimator, options = None, {"bijection": False}
+    if estimator == "bijection":  # the default estimator, θ modelled in the prior's unconstrained space
+        estimator, options = None, {"bijection": True}
     model = (NPE if kind == "npe" else NLE)(task.prior, estimator, **options)
     started = time.perf_counter()
     model.fit((theta, x), config=model.train_config(progress=False, seed=seed))

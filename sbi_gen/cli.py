@@ -130,9 +130,9 @@ def _cmd_train(args: argparse.Namespace) -> None:
         raise CLIError(f"unknown estimator {args.estimator!r}; known: {', '.join(sorted(ESTIMATORS))}, or {AUTO}")
     info = read_info(args.data)
     estimator_kwargs = _json_object(args.estimator_kwargs, "--estimator-kwargs", '{"transforms": 3}')
-    if args.no_bijection and args.method != "npe":
-        raise CLIError("--no-bijection applies to NPE only: NLE models x given θ, and its MCMC runs in the prior's unconstrained space")
-    options = {"bijection": False} if args.no_bijection else {}
+    if args.bijection and args.method != "npe":
+        raise CLIError("--bijection applies to NPE only: NLE models x given θ, and its MCMC runs in the prior's unconstrained space")
+    options = {"bijection": True} if args.bijection else {}
     model = method(None, args.estimator, embedding=args.embedding, estimator_kwargs=estimator_kwargs, device=args.device, **options)
     streaming = {"auto": None, "on": True, "off": False}[args.streaming]
     family = AUTO_FAMILIES[0] if args.estimator == AUTO else args.estimator
@@ -475,9 +475,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--estimator-kwargs", default=None, help="estimator hyperparameters as a JSON object")
     p.add_argument("--embedding", default=None, help="embedding of x for NPE: identity (default for vectors), mlp, resmlp, cnn (default for maps)")
     p.add_argument("--out", required=True, help="output model directory")
-    p.add_argument("--no-bijection", action="store_true",
-                   help="NPE: model θ as it is (z-scored) instead of in the prior's unconstrained space; draws outside "
-                   "the prior are rejected (see NPE's bijection argument)")
+    p.add_argument("--bijection", action="store_true",
+                   help="NPE: model θ in the prior's unconstrained space, so no draw is rejected (default: θ as it is, "
+                   "draws outside the prior rejected; see NPE's bijection argument)")
     _training_options(p, "the estimator's recommendation, see `NPE.train_config`")
     p.add_argument("--streaming", choices=["auto", "on", "off"], default="auto",
                    help="stream the file from disk instead of loading it (auto: when it would fill a quarter of the free memory)")

@@ -222,8 +222,9 @@ class _Method(abc.ABC):
 class NPE(_Method):
     r"""Neural posterior estimation: :math:`q(\theta \mid x)` trained on (θ, x) pairs.
 
-    The estimator lives in the prior's unconstrained space (its bijection is part of the
-    model), so posterior samples never leave the support; maps get a CNN embedding by default.
+    Posterior samples never leave the prior's support: draws outside are rejected (or, with
+    ``bijection=True``, the estimator lives in the prior's unconstrained space and none fall
+    outside); maps get a CNN embedding by default.
     With ``config`` given to :meth:`fit`, its ``device`` is where training (and the model) goes.
 
     Arguments:
@@ -235,21 +236,24 @@ class NPE(_Method):
         estimator_kwargs: Hyperparameters of the estimator.
         embedding_kwargs: Hyperparameters of the embedding.
         device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
-        bijection: ``True`` (default): θ is modelled in the prior's unconstrained space (a
-            logit per bounded side), so no draw can leave the support and no rejection is
-            needed, whatever the posterior. ``False``: θ is z-scored as it is, and draws
-            outside the support are rejected (with the acceptance estimate and the leakage
-            warning of :class:`NPEPosterior`); ``log_prob`` is renormalized by that share.
-            Measured (``benchmarks/study_nsf_defaults.py``, variant ``short_b512_lr2e3_unbounded``,
-            4 observations × 4 training seeds, 10,000 simulations): two_moons C2ST 0.546
-            without the bijection against 0.558 with it (lower on every seed, by 0.009–0.017),
-            slcp 0.858 against 0.863 (seed 0). The default keeps the guarantee; posteriors
-            well inside a box prior may be fitted better without it.
+        bijection: ``False`` (default): θ is z-scored as it is, and draws outside the prior's
+            support are rejected (with the acceptance estimate and the leakage warning of
+            :class:`NPEPosterior`; ``log_prob`` is renormalized by that share). ``True``: θ is
+            modelled in the prior's unconstrained space (a logit per bounded side, the
+            log-Jacobian included), so no draw can leave the support and nothing is rejected.
+            Default by measurement, 10,000 simulations: ``benchmarks/compare_sbi.py`` (4
+            replicate seeds × 4 observations) gave C2ST 0.529 ± 0.008 without the bijection
+            against 0.547 ± 0.009 with it on two_moons (lower on every seed), 0.852 against
+            0.855 on slcp; ``benchmarks/study_nsf_defaults.py`` (its own 4 observations × 4
+            training seeds) 0.546 against 0.558 and 0.862 against 0.872, lower on every seed of
+            both. Matching the logit space's z-scoring to θ's in the bulk did not close the gap
+            (two_moons 0.553–0.571 on three seeds): the warp itself costs. Gaussian priors are
+            unbounded: no difference.
     """
 
     method = "npe"
 
-    def __init__(self, prior: Prior | None = None, estimator: str | None = None, *, bijection: bool = True, **kwargs: Any):
+    def __init__(self, prior: Prior | None = None, estimator: str | None = None, *, bijection: bool = False, **kwargs: Any):
         super().__init__(prior, estimator, **kwargs)
         self.bijection = bool(bijection)
 
@@ -323,7 +327,7 @@ class NPE(_Method):
             outside = outside & ~filled
         raise RuntimeError(
             f"posterior draws kept falling outside the prior's support ({100 * kept / drawn:.1f}% inside); "
-            "the estimator is badly trained for some observations (or keep the default bijection=True)"
+            "the estimator is badly trained for some observations (NPE(..., bijection=True) never leaves the support)"
         )
 
 
@@ -331,8 +335,10 @@ class NPEPosterior(Distribution):
     r"""Posterior :math:`q(\theta \mid x_{obs})` of an :class:`NPE`, restricted to the prior's support.
 
     ``sample`` draws from the estimator and keeps draws inside the support (with the prior's
-    bijection built in, all of them); ``log_prob`` is the estimator's normalized density,
-    renormalized by the share of mass inside the support when that is below one.
+    bijection built in, all of them); :attr:`acceptance` is the share kept by the last call.
+    ``log_prob`` is the estimator's normalized density, renormalized by its mass inside the
+    support, estimated once from 8,192 draws with a fixed seed (so it is the same on every call
+    and for a reloaded model; the global random state is left as it was).
     """
 
     arg_constraints: dict = {}
@@ -343,9 +349,10 @@ class NPEPosterior(Distribution):
         self.prior = npe.prior
         self.x_obs = x_obs
         self._q = npe.estimator(x_obs[0])
-        # With the prior's bijection inside the estimator (always, for NPE) no mass leaks out of
-        # the support; otherwise the share inside is estimated when first needed.
-        self.acceptance: float | None = 1.0 if npe.estimator.config().get("y_prior") else None
+        # With the prior's bijection inside the estimator no mass leaks out of the support.
+        bounded = npe.estimator.config().get("y_prior") is not None
+        self.acceptance: float | None = 1.0 if bounded else None
+        self._log_mass: float | None = 0.0 if bounded else None
         super().__init__(batch_shape=torch.Size(), event_shape=torch.Size([self.prior.dim]), validate_args=False)
 
     @property
@@ -362,13 +369,14 @@ class NPEPosterior(Distribution):
         accepted: list[Tensor] = []
         drawn = kept = 0
         while kept < n:
-            batch = self._q.sample((max(n - kept, 1000) if drawn else n,))
+            # Each round draws what the acceptance so far says is missing, plus 10 %.
+            size = n if not drawn else min(math.ceil(1.1 * (n - kept) / max(kept / drawn, 0.01)) + 100, 10 * n + 10_000)
+            batch = self._q.sample((size,))
             inside = self._inside(batch)
             accepted.append(batch[inside])
             drawn += len(batch)
             kept += int(inside.sum())
-            rate = kept / drawn
-            if drawn >= 10_000 and rate < _LEAKAGE_FAIL:
+            if drawn >= 10_000 and kept / drawn < _LEAKAGE_FAIL:
                 raise RuntimeError(
                     f"only {kept} of {drawn} posterior samples fell inside the prior's support; "
                     "the estimator is badly trained for this observation"
@@ -382,10 +390,13 @@ class NPEPosterior(Distribution):
     def log_prob(self, theta: Tensor) -> Tensor:
         theta = torch.as_tensor(theta, dtype=torch.float32, device=self.x_obs.device)
         log_q = self._q.log_prob(theta)
-        if self.acceptance is None:
-            draws = self._q.sample((4096,))
-            self.acceptance = float(self._inside(draws).float().mean())
-        log_q = log_q - math.log(max(self.acceptance, 1e-12))
+        if self._log_mass is None:
+            devices = [self.x_obs.device] if self.x_obs.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(0)
+                draws = self._q.sample((8192,))
+            self._log_mass = math.log(max(float(self._inside(draws).float().mean()), 1e-12))
+        log_q = log_q - self._log_mass
         return torch.where(self._inside(theta), log_q, torch.full_like(log_q, -math.inf))
 
 

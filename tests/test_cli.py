@@ -160,19 +160,20 @@ def test_train_and_sample_end_to_end(tmp_path):
                           "expected a non-negative number, got -0.1")
 
 
-def test_train_without_the_bijection(tmp_path):
+def test_train_with_and_without_the_bijection(tmp_path):
     data = tmp_path / "moons.h5"
     sbi_gen("simulate", "two_moons", "--n", 500, "--out", data, "--seed", 0, "--quiet")
-    model = tmp_path / "model"
-    sbi_gen("train", data, "--no-bijection", "--out", model, "--max-epochs", 1, "--quiet",
-            "--estimator-kwargs", '{"transforms": 1, "hidden_features": [8]}')
-    assert json.loads((model / "config.json").read_text())["estimator"]["y_prior"] is None
-    samples = tmp_path / "samples.h5"
-    sbi_gen("sample", model, "--obs", ROOT / "data/observations/two_moons.h5", "--n", 200, "--out", samples)
-    with h5py.File(samples) as f:
-        assert np.all(np.abs(f["samples"][:]) <= 1)  # rejected into the prior box
-    assert_one_line_error(sbi_gen("train", data, "--method", "nle", "--no-bijection", "--out", tmp_path / "m", check=False),
-                          "--no-bijection applies to NPE only")
+    for flags, bounded in (([], False), (["--bijection"], True)):
+        model = tmp_path / f"model{bounded}"
+        sbi_gen("train", data, *flags, "--out", model, "--max-epochs", 1, "--quiet",
+                "--estimator-kwargs", '{"transforms": 1, "hidden_features": [8]}')
+        assert (json.loads((model / "config.json").read_text())["estimator"]["y_prior"] is not None) == bounded
+        samples = tmp_path / f"samples{bounded}.h5"
+        sbi_gen("sample", model, "--obs", ROOT / "data/observations/two_moons.h5", "--n", 200, "--out", samples)
+        with h5py.File(samples) as f:
+            assert np.all(np.abs(f["samples"][:]) <= 1)  # inside the prior box either way
+    assert_one_line_error(sbi_gen("train", data, "--method", "nle", "--bijection", "--out", tmp_path / "m", check=False),
+                          "--bijection applies to NPE only")
 
 
 def test_train_auto_reports_both_families_and_keeps_one(tmp_path):
