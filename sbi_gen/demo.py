@@ -27,7 +27,6 @@ from sbi_gen.inference import NPE
 from sbi_gen.parallel import default_workers
 from sbi_gen.plots import corner, save_figure
 from sbi_gen.store import load, simulate_to_hdf5
-from sbi_gen.train import TrainConfig
 
 __all__ = ["main", "run_demo"]
 
@@ -55,7 +54,8 @@ def run_demo(
 
     print("\n== 2. train neural posterior estimation (neural spline flow)")
     npe = NPE(simulator.prior, "nsf")
-    history = npe.fit(out / "particle.h5", config=TrainConfig(seed=seed, max_epochs=max_epochs))
+    # The estimator's training defaults, as npe.fit(path) uses without a config.
+    history = npe.fit(out / "particle.h5", config=npe.train_config(seed=seed, max_epochs=max_epochs))
     save(npe, out / "particle_npe")
     print(f"best validation loss {history.best_val_loss:.3f} after {len(history.val_loss)} epochs ({history.seconds:.0f} s); "
           f"model in {out / 'particle_npe'}")
