@@ -117,9 +117,12 @@ def as_batched_posterior(
 ) -> BatchedPosterior:
     r"""The :class:`BatchedPosterior` of a fitted :class:`~sbi_gen.inference.NPE` or :class:`~sbi_gen.inference.NLE`.
 
-    NPE: draws come from ``batch_size`` observations per estimator pass (all inside the
-    prior's support, whose bijection is part of the estimator); ``log_prob`` is the
-    estimator's density. SBC with 1,000 observations × 1,000 draws is 1,000,000 flow samples.
+    NPE: draws come from ``batch_size`` observations per estimator pass, all inside the
+    prior's support (without the bijection, draws outside are replaced by further draws for
+    the same observation, as :meth:`~sbi_gen.inference.NPE.sample_batched` does);
+    ``log_prob`` is the estimator's density inside the support and ``-inf`` outside (not
+    renormalized: the diagnostics compare densities within one observation). SBC with 1,000
+    observations × 1,000 draws is 1,000,000 flow samples.
 
     NLE: each observation runs its own vectorized MCMC (:meth:`~sbi_gen.inference.NLE.posterior`'s
     default, independence Metropolis-Hastings with ``clip(n / 40, 100, 250)`` chains and 30
@@ -157,7 +160,12 @@ def _npe_posterior(npe: Any, batch_size: int) -> BatchedPosterior:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
             for start in range(0, len(x), batch_size):
-                theta, log_prob = estimator(x[start : start + batch_size].to(device)).sample_and_log_prob((n,))
+                dist = estimator(x[start : start + batch_size].to(device))
+                if npe.bijection:
+                    theta, log_prob = dist.sample_and_log_prob((n,))
+                else:  # truncated to the support: rejected draws are replaced, then evaluated
+                    theta = npe._draw_inside(dist, n)
+                    log_prob = dist.log_prob(theta)
                 draws.append(theta.cpu())
                 log_q.append(log_prob.cpu())
         return torch.cat(draws, dim=1), torch.cat(log_q, dim=1)
@@ -173,7 +181,11 @@ def _npe_posterior(npe: Any, batch_size: int) -> BatchedPosterior:
             stop = start + batch_size
             dist = estimator(x[start:stop].to(device))
             out.append(dist.log_prob(theta[:, start:stop].to(device)).cpu())
-        return torch.cat(out, dim=1)
+        log_q = torch.cat(out, dim=1)
+        if npe.bijection:
+            return log_q
+        inside = torch.isfinite(npe.prior.log_prob(theta.reshape(-1, theta.shape[-1]))).reshape(log_q.shape)
+        return torch.where(inside, log_q, torch.full_like(log_q, -math.inf))
 
     return BatchedPosterior(sample, log_prob, f"NPE ({npe.estimator_name})", sample_and_log_prob)
 

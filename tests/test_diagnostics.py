@@ -239,3 +239,23 @@ def test_shared_draws_give_the_same_results_as_separate_calls(pairs, trained_npe
         np.testing.assert_allclose(shared, separate, atol=1.0 / 51)  # log_prob by one pass or two: rare tie flips
         assert np.array_equal(tarp(post, theta[:200], x[:200], n_samples=50, seed=4).statistic,
                               tarp(post, theta[:200], x[:200], seed=4, draws=draws).statistic)
+
+
+def test_npe_without_the_bijection_is_diagnosed_inside_the_support():
+    from sbi_gen.priors import BoxUniform
+    from sbi_gen.simulate import simulate
+
+    prior = BoxUniform([0.0, 0.0], [1.0, 1.0])
+    sim = as_simulator(lambda theta, rng: theta + 0.3 * rng.normal(size=theta.shape), prior, name="box")
+    data = simulate(sim, n=1000, seed=0)
+    torch.manual_seed(0)
+    npe = NPE(prior, estimator_kwargs={"transforms": 1, "hidden_features": [16]})
+    npe.fit((data["theta"], data["x"]), config=TrainConfig(max_epochs=3, progress=False))
+    batched = as_batched_posterior(npe, batch_size=2)
+    x = torch.tensor([[0.98, 0.02], [0.5, 0.5], [0.0, 1.0]])  # two near corners: much leaks
+    theta, log_prob = batched.sample_and_log_prob(x, 500, 0)
+    assert theta.shape == (500, 3, 2) and torch.isfinite(prior.log_prob(theta.reshape(-1, 2))).all()
+    torch.testing.assert_close(log_prob, batched.log_prob(theta, x))
+    outside = torch.tensor([[[1.5, 0.5], [0.5, -0.2], [0.5, 0.5]]])
+    assert batched.log_prob(outside, x)[0].tolist()[:2] == [-math.inf, -math.inf]
+    assert math.isfinite(batched.log_prob(outside, x)[0, 2].item())
