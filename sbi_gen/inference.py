@@ -294,7 +294,7 @@ class NPE(_Method):
 
         Without the bijection, draws outside are replaced by the next draws inside for the same
         observation: each round draws, for every observation, enough to fill the column with
-        the most holes at the acceptance seen so far (plus 10 %).
+        the most holes at the acceptance seen so far (plus 10 %), at most ``10 n + 100``.
         """
         draws = dist.sample((n,))
         if self.bijection:
@@ -313,7 +313,8 @@ class NPE(_Method):
             if not bool(holes.any()):
                 return draws
             acceptance = max(kept / drawn, 1e-3)
-            extra = dist.sample((math.ceil(1.1 * int(holes.max()) / acceptance) + 10,))
+            # Capped so that a badly leaking batch costs rounds (then the error below), not memory.
+            extra = dist.sample((min(math.ceil(1.1 * int(holes.max()) / acceptance) + 10, 10 * n + 100),))
             outside_extra = outside_of(extra)
             inside_extra = ~outside_extra
             drawn, kept = drawn + inside_extra.numel(), kept + int(inside_extra.sum())

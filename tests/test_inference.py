@@ -150,6 +150,10 @@ def test_npe_without_the_bijection_rejects_draws_outside_and_renormalizes(tmp_pa
     single, column = posterior.sample((4000,)), batched[:, 0]
     standard_error = torch.sqrt(single.var(0) / len(single) + column.var(0) / len(column))
     assert ((column.mean(0) - single.mean(0)).abs() < 5 * standard_error).all()
+    # A batch whose mass lies outside the box fails in one line instead of growing without bound.
+    far = torch.distributions.Independent(torch.distributions.Normal(torch.full((3, 2), 10.0), 0.1), 1)
+    with pytest.raises(RuntimeError, match="kept falling outside the prior's support"):
+        npe._draw_inside(far, 100)
     save(npe, tmp_path / "model")
     loaded = load_model(tmp_path / "model")
     assert isinstance(loaded, NPE) and loaded.bijection is False
