@@ -184,8 +184,7 @@ def _npe_posterior(npe: Any, batch_size: int) -> BatchedPosterior:
         log_q = torch.cat(out, dim=1)
         if npe.bijection:
             return log_q
-        inside = torch.isfinite(npe.prior.log_prob(theta.reshape(-1, theta.shape[-1]))).reshape(log_q.shape)
-        return torch.where(inside, log_q, torch.full_like(log_q, -math.inf))
+        return torch.where(npe.inside_support(theta), log_q, torch.full_like(log_q, -math.inf))
 
     return BatchedPosterior(sample, log_prob, f"NPE ({npe.estimator_name})", sample_and_log_prob)
 

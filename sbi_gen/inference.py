@@ -289,6 +289,12 @@ class NPE(_Method):
         out = [self._draw_inside(estimator(x[i : i + batch_size].to(self.device)), n) for i in range(0, len(x), batch_size)]
         return torch.cat(out, dim=1)
 
+    def inside_support(self, theta: Tensor) -> Tensor:
+        """Whether each θ of ``(*batch, D)`` lies in the prior's support: a bool ``(*batch)`` on θ's device."""
+        assert self.prior is not None
+        log_prior = self.prior.log_prob(theta.reshape(-1, self.prior.dim).cpu())
+        return torch.isfinite(log_prior).reshape(theta.shape[:-1]).to(theta.device)
+
     def _draw_inside(self, dist: Distribution, n: int, max_rounds: int = 20) -> Tensor:
         """``n`` draws per observation of a batched ``dist``, inside the prior's support.
 
@@ -299,14 +305,7 @@ class NPE(_Method):
         draws = dist.sample((n,))
         if self.bijection:
             return draws
-        assert self.prior is not None
-        dim = self.prior.dim
-
-        def outside_of(theta: Tensor) -> Tensor:
-            log_prior = self.prior.log_prob(theta.reshape(-1, dim).cpu()).reshape(theta.shape[:-1])
-            return ~torch.isfinite(log_prior).to(theta.device)
-
-        outside = outside_of(draws)
+        outside = ~self.inside_support(draws)
         drawn, kept = draws.shape[0] * draws.shape[1], int((~outside).sum())
         for _ in range(max_rounds):
             holes = outside.sum(0)
@@ -315,15 +314,15 @@ class NPE(_Method):
             acceptance = max(kept / drawn, 1e-3)
             # Capped so that a badly leaking batch costs rounds (then the error below), not memory.
             extra = dist.sample((min(math.ceil(1.1 * int(holes.max()) / acceptance) + 10, 10 * n + 100),))
-            outside_extra = outside_of(extra)
-            inside_extra = ~outside_extra
+            inside_extra = self.inside_support(extra)
+            outside_extra = ~inside_extra
             drawn, kept = drawn + inside_extra.numel(), kept + int(inside_extra.sum())
             # The r-th hole of a column takes the column's r-th new draw inside the support.
             order = torch.argsort(outside_extra.to(torch.int8), dim=0, stable=True)
             rank = (torch.cumsum(outside.to(torch.int64), dim=0) - 1).clamp(0, len(extra) - 1)
             source = order.gather(0, rank)
             filled = outside & (rank < inside_extra.sum(0))
-            candidates = extra.gather(0, source.unsqueeze(-1).expand(-1, -1, dim))
+            candidates = extra.gather(0, source.unsqueeze(-1).expand(-1, -1, draws.shape[-1]))
             draws = torch.where(filled.unsqueeze(-1), candidates, draws)
             outside = outside & ~filled
         raise RuntimeError(
@@ -360,9 +359,6 @@ class NPEPosterior(Distribution):
     def support(self) -> Any:
         return self.prior.support
 
-    def _inside(self, theta: Tensor) -> Tensor:
-        return torch.isfinite(self.prior.log_prob(theta.cpu())).to(theta.device)
-
     @torch.no_grad()
     def sample(self, sample_shape: torch.Size | Sequence[int] = torch.Size()) -> Tensor:
         shape = torch.Size(sample_shape)
@@ -373,7 +369,7 @@ class NPEPosterior(Distribution):
             # Each round draws what the acceptance so far says is missing, plus 10 %.
             size = n if not drawn else min(math.ceil(1.1 * (n - kept) / max(kept / drawn, 0.01)) + 100, 10 * n + 10_000)
             batch = self._q.sample((size,))
-            inside = self._inside(batch)
+            inside = self.npe.inside_support(batch)
             accepted.append(batch[inside])
             drawn += len(batch)
             kept += int(inside.sum())
@@ -396,9 +392,9 @@ class NPEPosterior(Distribution):
             with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(0)
                 draws = self._q.sample((8192,))
-            self._log_mass = math.log(max(float(self._inside(draws).float().mean()), 1e-12))
+            self._log_mass = math.log(max(float(self.npe.inside_support(draws).float().mean()), 1e-12))
         log_q = log_q - self._log_mass
-        return torch.where(self._inside(theta), log_q, torch.full_like(log_q, -math.inf))
+        return torch.where(self.npe.inside_support(theta), log_q, torch.full_like(log_q, -math.inf))
 
 
 class NLE(_Method):

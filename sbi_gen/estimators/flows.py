@@ -160,7 +160,7 @@ class NSF(ConditionalEstimator):
     ``maf_b512_lr2e3``) against the NSF's 0.540: there the spline's flexibility is what costs.
     Its validation loss was lower there too (10.79 vs 10.89 nats, training seed 0) and higher
     on two_moons and slcp (−2.06 vs −2.16, 3.80 vs 2.80), so choosing the family by held-out
-    likelihood would pick the better one on each task (not implemented). NLE with an NSF uses the
+    likelihood would pick the better one on each task (``estimator="auto"`` does that). NLE with an NSF uses the
     same defaults, not measured there.
 
     Arguments:
