@@ -319,16 +319,41 @@ def test_nsf_spline_matches_zukos_and_takes_its_weights():
     for params in ((widths, heights, derivatives), (heights, widths / 30, derivatives / 5)):
         params = [p.clone().requires_grad_() for p in params]
         ours, theirs = _RQSTransform(*params), MonotonicRQSTransform(*params, slope=1e-3)
-        x = 6 * torch.randn(64, 3, generator=generator)  # some beyond the bound of 5: identity there
+        x = (6 * torch.randn(64, 3, generator=generator)).requires_grad_()  # some beyond the bound of 5: identity
         y, ladj = ours.call_and_ladj(x)
         y_ref, ladj_ref = theirs.call_and_ladj(x)
         torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(ladj, ladj_ref, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(ours.inv(y), theirs.inv(y_ref), atol=1e-4, rtol=1e-4)
-        grads = torch.autograd.grad(ladj.sum() + y.sum(), params)
-        grads_ref = torch.autograd.grad(ladj_ref.sum() + y_ref.sum(), params)
+        # Independent upstream weights for y and log|dy/dx|, so neither gradient hides behind the other.
+        a, b = torch.randn(2, 64, 3, generator=generator)
+        grads = torch.autograd.grad((a * ladj).sum() + (b * y).sum(), [x, *params])
+        grads_ref = torch.autograd.grad((a * ladj_ref).sum() + (b * y_ref).sum(), [x, *params])
         for g, g_ref in zip(grads, grads_ref):
             torch.testing.assert_close(g, g_ref, atol=1e-4, rtol=1e-4)
+        # Exactly on knots and on the bound, where the one-sided derivatives jump: the same side
+        # as autograd through zuko's formula on our own knots (zuko's knots differ in the last bit).
+        x_edge = x.detach().clone()
+        x_edge[:4, 0] = ours.horizontal.detach()[:4, 0, 3]
+        x_edge[4:8, 1] = torch.tensor([-5.0, 5.0, 5.0, -5.0])
+        x_edge.requires_grad_()
+        y, ladj = ours.call_and_ladj(x_edge)
+        y_ref, ladj_ref = MonotonicRQSTransform.call_and_ladj(ours, x_edge)
+        grads = torch.autograd.grad((a * ladj).sum() + (b * y).sum(), [x_edge, *params])
+        grads_ref = torch.autograd.grad((a * ladj_ref).sum() + (b * y_ref).sum(), [x_edge, *params])
+        for g, g_ref in zip(grads, grads_ref):
+            torch.testing.assert_close(g, g_ref, atol=1e-4, rtol=1e-4)
+    # The hand-written backward against finite differences, in double precision.
+    params64 = [p[:8, :2].double().div(4).requires_grad_() for p in (widths, heights, derivatives)]
+    x64 = 3 * torch.randn(8, 2, generator=generator, dtype=torch.float64)
+    x64[0, 0] = 7.0  # outside the bound
+    x64.requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, *p: _RQSTransform(*p).call_and_ladj(x), (x64, *params64))
+    # A second derivative would be wrong, so it raises instead.
+    y, ladj = _RQSTransform(*params64).call_and_ladj(x64)
+    (gx,) = torch.autograd.grad(ladj.sum(), x64, create_graph=True)
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(gx.sum(), x64)
     # The whole flow: zuko's NSF loads our weights and gives the same densities.
     torch.manual_seed(0)
     est = build_estimator("nsf", 3, (2,), **SMALL["nsf"])
