@@ -162,6 +162,28 @@ def test_npe_without_the_bijection_rejects_draws_outside_and_renormalizes(tmp_pa
     assert load_model(tmp_path / "model").posterior(np.array([0.5, 0.5])).sample((100,)).shape == (100, 2)
 
 
+def test_posterior_draws_come_in_passes_of_bounded_size():
+    from sbi_gen.inference import _SAMPLE_ROWS, _sample_in_passes
+
+    class Recording(torch.distributions.Independent):
+        def sample(self, sample_shape=torch.Size()):
+            sizes.append(math.prod(sample_shape) * math.prod(self.batch_shape))
+            return super().sample(sample_shape)
+
+    rows = _SAMPLE_ROWS["cpu"]
+    for batch in ((), (3,), (rows + 1,)):
+        sizes: list[int] = []
+        dist = Recording(torch.distributions.Normal(torch.zeros(*batch, 2), 1.0), 1)
+        n = 2 * rows + 7
+        draws = _sample_in_passes(dist, n, "cpu")
+        assert draws.shape == (n, *batch, 2)
+        assert sum(sizes) == n * math.prod(batch)
+        # Every pass holds at most `rows` rows, except a single draw of a batch larger than that.
+        assert max(sizes) <= max(rows, math.prod(batch))
+        # The passes are fresh draws, not copies of one another.
+        assert not torch.equal(draws[: n // 2], draws[n // 2 : 2 * (n // 2)])
+
+
 def test_clear_errors_for_bad_use():
     prior, sim = _gaussian_toy()
     data = simulate(sim, n=200, seed=0)
