@@ -79,10 +79,11 @@ class _SplineCallAndLadj(torch.autograd.Function):
     r"""Forward value and log-derivative of the rational-quadratic spline, with a hand-written backward.
 
     Inputs are the *unconstrained* bin widths, heights and inner-knot derivatives, exactly as
-    :class:`zuko.transforms.MonotonicRQSTransform` takes them. Written out, the forward pass and
-    its gradient take about a fifth of the tensor operations autograd records for zuko's
-    formula (knots, bin lookup, spline, log-derivative), and a training step of the default
-    NSF is dominated by those small elementwise operations, not by its matrix products.
+    :class:`zuko.transforms.MonotonicRQSTransform` takes them. A training step of the default
+    NSF is dominated by small elementwise operations, not by its matrix products; written out
+    (knots, bin lookup, spline, log-derivative and their gradient), a step of the default 2-D
+    NSF dispatches 1,470 tensor operations instead of 1,950 (forward 605 instead of 725,
+    backward 867 instead of 1,224), and no autograd graph is recorded inside.
 
     In bin :math:`k` (knots :math:`x_0 < x_1`, :math:`y_0 < y_1`, derivatives :math:`d_0, d_1`),
     with :math:`w = x_1 - x_0`, :math:`h = y_1 - y_0`, :math:`s = h / w`, :math:`z = (x - x_0) / w`,
