@@ -71,10 +71,17 @@ WORKER = textwrap.dedent(
 
 def torchrun(*args, timeout=240):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *map(str, args)]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-    if proc.returncode != 0:
-        raise AssertionError(f"torchrun failed:\n{proc.stdout}\n{proc.stderr}")
-    return proc
+    for _ in range(2):
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+        if proc.returncode == 0:
+            return proc
+        # Once in about 30 launches a gloo process aborted in native code with no Python error
+        # (std::terminate: "terminate called without an active exception"), a known class of
+        # torch.distributed teardown races; that signature alone gets a second launch. Any
+        # Python error, timeout or wrong result fails at once.
+        if "terminate called without an active exception" not in proc.stderr:
+            break
+    raise AssertionError(f"torchrun failed:\n{proc.stdout}\n{proc.stderr}")
 
 
 @pytest.fixture(scope="module")
