@@ -13,6 +13,7 @@ It prints milliseconds and the ratio ours / zuko (< 1 is faster), best of ``--re
 Usage:
     python benchmarks/bench_flows.py
     python benchmarks/bench_flows.py --dims 2 10 --estimators nsf --repeats 20
+    python benchmarks/bench_flows.py --device cuda   # where a GPU exists (benchmarks/gpu_check.sh runs it)
 """
 
 from __future__ import annotations
@@ -26,14 +27,16 @@ import zuko
 from sbi_gen.estimators import build_estimator
 
 
-def _best(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
+def _best(fn, repeats: int, device: torch.device) -> float:
+    def timed() -> float:
         started = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - started)
-    return min(times)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - started
+
+    timed()  # warm-up
+    return min(timed() for _ in range(repeats))
 
 
 def _reference(name: str, est) -> torch.nn.Module:
@@ -53,12 +56,14 @@ def _optimizer(params, fused: bool) -> torch.optim.Optimizer:
         return torch.optim.AdamW(params, lr=1e-5)
 
 
-def bench(name: str, dim: int, context: int, batch: int, n_samples: int, repeats: int) -> dict[str, float]:
+def bench(name: str, dim: int, context: int, batch: int, n_samples: int, repeats: int,
+          device: torch.device) -> dict[str, float]:
     torch.manual_seed(0)
     est = build_estimator(name, dim, (context,))
-    reference = _reference(name, est)
-    y, h = torch.randn(batch, dim), torch.randn(batch, est.context_features)
-    h_one = torch.randn(est.context_features)
+    reference = _reference(name, est).to(device)
+    est.to(device)
+    y, h = torch.randn(batch, dim, device=device), torch.randn(batch, est.context_features, device=device)
+    h_one = torch.randn(est.context_features, device=device)
     results = {}
     for label, flow, fused in (("ours", est.flow, True), ("zuko", reference, False)):
         optimizer = _optimizer(flow.parameters(), fused)
@@ -73,8 +78,8 @@ def bench(name: str, dim: int, context: int, batch: int, n_samples: int, repeats
             with torch.no_grad():
                 flow(h_one).sample((n_samples,))
 
-        results[f"{label}_step"] = _best(step, repeats)
-        results[f"{label}_sample"] = _best(sample, max(3, repeats // 5))
+        results[f"{label}_step"] = _best(step, repeats, device)
+        results[f"{label}_sample"] = _best(sample, max(3, repeats // 5), device)
     return results
 
 
@@ -87,12 +92,15 @@ def main() -> None:
     parser.add_argument("--n-samples", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    print(f"device {device}, {args.threads} CPU thread(s)")
     print(f"{'flow':<6}{'D':>4}{'step ours':>12}{'zuko':>9}{'ratio':>8}{'sample ours':>14}{'zuko':>9}{'ratio':>8}")
     for name in args.estimators:
         for dim in args.dims:
-            r = bench(name, dim, args.context, args.batch, args.n_samples, args.repeats)
+            r = bench(name, dim, args.context, args.batch, args.n_samples, args.repeats, device)
             print(f"{name:<6}{dim:>4}{1e3 * r['ours_step']:>10.1f}ms{1e3 * r['zuko_step']:>7.1f}ms"
                   f"{r['ours_step'] / r['zuko_step']:>8.2f}{1e3 * r['ours_sample']:>12.1f}ms"
                   f"{1e3 * r['zuko_sample']:>7.1f}ms{r['ours_sample'] / r['zuko_sample']:>8.2f}", flush=True)

@@ -17,4 +17,5 @@ log=${OUT:-/tmp}/gpu_check.log
     python3 -c "import torch, zuko, h5py; print('torch', torch.__version__, 'zuko', zuko.__version__, 'h5py', h5py.__version__)"
     python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_vae.py::test_runs_on_cuda tests/test_train.py::test_bad_inputs
     python3 benchmarks/bench_scale.py --skip-memory --threads 2 --gpu-n 20000 --gpu-maps 1000 --gpu-epochs 3
+    python3 benchmarks/bench_flows.py --device cuda --dims 2 10
 } 2>&1 | tee "$log"
