@@ -41,6 +41,7 @@ __all__ = ["NLE", "NPE", "NLEPosterior", "NPEPosterior"]
 # Below this share of samples inside the prior's support, NPE sampling warns; below the
 # second it stops rather than loop for a very long time.
 _LEAKAGE_WARN = 0.5
+_LEAKAGE_FAIL = 1e-3
 # Rows (draws × observations) per sampling pass. Memory stays bounded for any n (an NSF in 10-D
 # holds ~1 KB of intermediates per row), and on CPU passes of a few thousand rows reuse the
 # allocator's memory instead of faulting in fresh pages: 10,000 draws of the default 10-D NSF,
@@ -56,7 +57,6 @@ def _sample_in_passes(dist: Distribution, n: int, device: torch.device | str) ->
     if n <= per_pass:
         return dist.sample((n,))
     return torch.cat([dist.sample((min(per_pass, n - start),)) for start in range(0, n, per_pass)])
-_LEAKAGE_FAIL = 1e-3
 
 
 def _as_training_data(data: Any) -> tuple[Tensor, Tensor, dict[str, Any]]:

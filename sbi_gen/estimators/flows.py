@@ -251,7 +251,14 @@ class _MaskedAutoregressive(MaskedAutoregressiveTransform):
         return _PassByPassInverse(self, c)
 
 
-def _invert_pass_by_pass(flow: zuko.flows.Flow) -> zuko.flows.Flow:
+def _masked_autoregressive_flow(
+    features: int, context: int, transforms: int, passes: int | None, hidden_features: list[int], **univariate: Any
+) -> zuko.flows.Flow:
+    """``zuko.flows.MAF`` (its modules and state-dict keys), with its transforms inverted pass by pass."""
+    flow = zuko.flows.MAF(
+        features=features, context=context, transforms=transforms, passes=passes, hidden_features=hidden_features,
+        **univariate,
+    )
     for transform in flow.transform.transforms:
         if type(transform) is MaskedAutoregressiveTransform:
             transform.__class__ = _MaskedAutoregressive
@@ -396,16 +403,9 @@ class NSF(ConditionalEstimator):
         self.bins = int(bins)
         self.passes = None if passes is None else int(passes)
         # zuko.flows.NSF's architecture (same modules and state-dict keys) with the faster spline.
-        self.flow = _invert_pass_by_pass(
-            zuko.flows.MAF(
-                features=self.y_dim,
-                context=self.context_features,
-                transforms=self.transforms,
-                passes=self.passes,
-                hidden_features=self.hidden_features,
-                univariate=_RQSTransform,
-                shapes=[(self.bins,), (self.bins,), (self.bins - 1,)],
-            )
+        self.flow = _masked_autoregressive_flow(
+            self.y_dim, self.context_features, self.transforms, self.passes, self.hidden_features,
+            univariate=_RQSTransform, shapes=[(self.bins,), (self.bins,), (self.bins - 1,)],
         )
 
     def core(self, h: Tensor) -> Distribution:
@@ -462,14 +462,8 @@ class MAF(ConditionalEstimator):
         self.transforms = int(transforms)
         self.hidden_features = [int(h) for h in hidden_features]
         self.passes = None if passes is None else int(passes)
-        self.flow = _invert_pass_by_pass(
-            zuko.flows.MAF(
-                features=self.y_dim,
-                context=self.context_features,
-                transforms=self.transforms,
-                passes=self.passes,
-                hidden_features=self.hidden_features,
-            )
+        self.flow = _masked_autoregressive_flow(
+            self.y_dim, self.context_features, self.transforms, self.passes, self.hidden_features
         )
 
     def core(self, h: Tensor) -> Distribution:
