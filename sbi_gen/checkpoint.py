@@ -11,7 +11,7 @@ Example:
     >>> from sbi_gen.train import TrainConfig
     >>> task = simulators.get("two_moons")
     >>> data = sbi_gen.simulate(task, n=300, seed=0)
-    >>> npe = NPE(task.prior, estimator_kwargs={"transforms": 1, "hidden_features": [8]})
+    >>> npe = NPE(task.prior, "nsf", estimator_kwargs={"transforms": 1, "hidden_features": [8]})
     >>> _ = npe.fit((data["theta"], data["x"]), config=TrainConfig(max_epochs=1, progress=False))
     >>> path = tempfile.mkdtemp() + "/model"
     >>> save(npe, path)

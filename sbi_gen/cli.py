@@ -130,6 +130,9 @@ def _cmd_train(args: argparse.Namespace) -> None:
         raise CLIError(f"unknown estimator {args.estimator!r}; known: {', '.join(sorted(ESTIMATORS))}, or {AUTO}")
     info = read_info(args.data)
     estimator_kwargs = _json_object(args.estimator_kwargs, "--estimator-kwargs", '{"transforms": 3}')
+    if estimator_kwargs and args.estimator == AUTO:
+        raise CLIError(f"--estimator-kwargs set the hyperparameters of one family: name it with --estimator (e.g. nsf) "
+                       f"instead of auto, which races {' and '.join(AUTO_FAMILIES)}")
     if args.bijection and args.method != "npe":
         raise CLIError("--bijection applies to NPE only: NLE models x given θ, and its MCMC runs in the prior's unconstrained space")
     options = {"bijection": True} if args.bijection else {}
@@ -149,7 +152,8 @@ def _cmd_train(args: argparse.Namespace) -> None:
         save(model, args.out)
         if args.estimator == AUTO:
             losses = ", ".join(f"{name} {loss:.4f}" for name, loss in model.metadata["estimator_selection"].items())
-            print(f"validation loss by family: {losses}; kept {model.estimator_name}")
+            print(f"validation loss by family after {model.metadata['estimator_race_epochs']} epochs: {losses}; "
+                  f"kept {model.estimator_name}")
         print(f"best validation loss {history.best_val_loss:.4f} at epoch {history.best_epoch + 1} "
               f"of {len(history.val_loss)} ({history.seconds:.1f} s{', streamed from disk' if history.streaming else ''})")
         print(f"model saved to {args.out}")
@@ -470,8 +474,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train NPE or NLE on an HDF5 training set and save the model")
     p.add_argument("data", help="HDF5 training set from `sbi-gen simulate`")
     p.add_argument("--method", choices=["npe", "nle"], default="npe")
-    p.add_argument("--estimator", default=None, help="estimator name: nsf (default for npe), maf (default for nle), cnf, vae, diffusion, "
-                   "or auto (nsf and maf both trained, the lower validation loss kept)")
+    p.add_argument("--estimator", default=None, help="estimator name: auto (default for npe: nsf and maf raced for 3 epochs, the one with the lower "
+                   "validation loss trained in full), nsf, maf (default for nle), cnf, vae, diffusion")
     p.add_argument("--estimator-kwargs", default=None, help="estimator hyperparameters as a JSON object")
     p.add_argument("--embedding", default=None, help="embedding of x for NPE: identity (default for vectors), mlp, resmlp, cnn (default for maps)")
     p.add_argument("--out", required=True, help="output model directory")

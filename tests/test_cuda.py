@@ -74,7 +74,7 @@ def test_npe_on_gpu_saves_a_checkpoint_that_loads_on_cpu(tmp_path, moons, estima
 
 def test_npe_without_the_bijection_rejects_on_gpu(moons):
     task, theta, x = moons
-    npe = NPE(task.prior, estimator_kwargs=SMALL["nsf"], device="cuda", bijection=False)
+    npe = NPE(task.prior, "nsf", estimator_kwargs=SMALL["nsf"], device="cuda", bijection=False)
     npe.fit((theta, x), config=TrainConfig(**FAST))
     draws = npe.posterior(x[0]).sample((500,))
     assert draws.device.type == "cuda" and bool(task.prior.support.check(draws.cpu()).all())

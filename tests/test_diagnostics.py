@@ -249,7 +249,7 @@ def test_npe_without_the_bijection_is_diagnosed_inside_the_support():
     sim = as_simulator(lambda theta, rng: theta + 0.3 * rng.normal(size=theta.shape), prior, name="box")
     data = simulate(sim, n=1000, seed=0)
     torch.manual_seed(0)
-    npe = NPE(prior, estimator_kwargs={"transforms": 1, "hidden_features": [16]})
+    npe = NPE(prior, "nsf", estimator_kwargs={"transforms": 1, "hidden_features": [16]})
     npe.fit((data["theta"], data["x"]), config=TrainConfig(max_epochs=3, progress=False))
     batched = as_batched_posterior(npe, batch_size=2)
     x = torch.tensor([[0.98, 0.02], [0.5, 0.5], [0.0, 1.0]])  # two near corners: much leaks

@@ -134,7 +134,8 @@ def test_two_processes_average_gradients_and_keep_identical_replicas(training_fi
 def test_torchrun_cli_trains_one_model_and_rank_zero_saves_it(training_file, tmp_path):
     path, n_valid = training_file
     model_dir = tmp_path / "model"
-    proc = torchrun("-m", "sbi_gen.cli", "train", path, "--out", model_dir, "--max-epochs", 2, "--batch-size", 64,
+    proc = torchrun("-m", "sbi_gen.cli", "train", path, "--estimator", "nsf", "--out", model_dir, "--max-epochs", 2,
+                    "--batch-size", 64,
                     "--streaming", "on", "--estimator-kwargs", '{"transforms": 1, "hidden_features": [16]}', "--quiet")
     assert proc.stdout.count("model saved to") == 1 and "with 2 processes" in proc.stdout
     assert sorted(p.name for p in model_dir.iterdir()) == ["config.json", "weights.pt"]

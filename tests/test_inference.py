@@ -105,7 +105,7 @@ def test_npe_with_the_bijection_stays_in_a_box_prior_and_log_prob_is_minus_inf_o
     prior = BoxUniform([0.0, 0.0], [1.0, 1.0])
     sim = as_simulator(lambda theta, rng: theta + 0.3 * rng.normal(size=theta.shape), prior, name="box")
     data = simulate(sim, n=1000, seed=0)
-    npe = NPE(prior, estimator_kwargs={"transforms": 1, "hidden_features": [16]}, bijection=True)
+    npe = NPE(prior, "nsf", estimator_kwargs={"transforms": 1, "hidden_features": [16]}, bijection=True)
     npe.fit((data["theta"], data["x"]), config=TrainConfig(max_epochs=3, progress=False))
     assert npe.estimator.y_prior is not None
     posterior = npe.posterior(np.array([0.98, 0.02]))  # near a corner: much mass would leak without the bijection
@@ -126,7 +126,7 @@ def test_npe_without_the_bijection_rejects_draws_outside_and_renormalizes(tmp_pa
     sim = as_simulator(lambda theta, rng: theta + 0.3 * rng.normal(size=theta.shape), prior, name="box")
     data = simulate(sim, n=1000, seed=0)
     torch.manual_seed(0)
-    npe = NPE(prior, estimator_kwargs={"transforms": 1, "hidden_features": [16]}, bijection=False)
+    npe = NPE(prior, "nsf", estimator_kwargs={"transforms": 1, "hidden_features": [16]}, bijection=False)
     npe.fit((data["theta"], data["x"]), config=TrainConfig(max_epochs=3, progress=False))
     assert npe.estimator.y_prior is None
     posterior = npe.posterior(np.array([0.98, 0.02]))  # near a corner: mass leaks out of the box
@@ -187,7 +187,7 @@ def test_posterior_draws_come_in_passes_of_bounded_size():
 def test_clear_errors_for_bad_use():
     prior, sim = _gaussian_toy()
     data = simulate(sim, n=200, seed=0)
-    npe = NPE(prior, estimator_kwargs={"transforms": 1, "hidden_features": [8]})
+    npe = NPE(prior, "nsf", estimator_kwargs={"transforms": 1, "hidden_features": [8]})
     with pytest.raises(RuntimeError, match="not trained yet"):
         npe.posterior(np.zeros(2))
     npe.fit((data["theta"], data["x"]), config=TrainConfig(max_epochs=1, progress=False))
@@ -205,31 +205,43 @@ def test_clear_errors_for_bad_use():
 
 def test_default_estimators_differ_by_method():
     prior = BoxUniform([-1.0, -1.0], [1.0, 1.0])
-    assert NPE(prior).estimator_name == "nsf"
+    assert NPE(prior).estimator_name == "auto"  # NSF and MAF raced, see NPE
     assert NLE(prior).estimator_name == "maf"  # affine flows fit near-Gaussian likelihoods; see NLE
     assert NLE(prior, "nsf").estimator_name == "nsf"
 
 
 def test_auto_keeps_the_family_with_the_lower_validation_loss(tmp_path):
     """θ ~ U(-2, 2), x = θ² + noise: the 1-D posterior has modes at ±sqrt(x). A MAF in one
-    dimension is a single affine map of a Gaussian (unimodal), so the spline flow must win;
-    both losses are recorded, the kept model is the NSF and it survives a checkpoint."""
+    dimension is a single affine map of a Gaussian (unimodal), so the spline flow must win the
+    race; both losses are recorded, the kept model is exactly the NSF a fit of it alone trains,
+    and it survives a checkpoint."""
     from sbi_gen.checkpoint import load_model, save
+    from sbi_gen.inference import AUTO_RACE_STEPS
 
     prior = BoxUniform([-2.0], [2.0], names=["theta"])
     sim = as_simulator(lambda theta, rng: theta**2 + 0.05 * rng.normal(size=theta.shape), prior, name="square")
     data = simulate(sim, n=2000, seed=0)
     torch.manual_seed(0)
-    npe = NPE(prior, "auto")
+    npe = NPE(prior)
+    assert npe.estimator_name == "auto"
     config = npe.train_config(progress=False, max_epochs=30)
     assert config == NPE(prior, "nsf").train_config(progress=False, max_epochs=30)  # the NSF's settings for both
     history = npe.fit((data["theta"], data["x"]), config=config)
     losses = npe.metadata["estimator_selection"]
     assert set(losses) == {"nsf", "maf"} and npe.estimator_name == "nsf"
-    assert history.best_val_loss == min(losses.values()) == losses["nsf"]
+    # 1,800 training rows in batches of 512: 4 steps an epoch, so the race runs 13 epochs.
+    assert npe.metadata["estimator_race_epochs"] == -(-AUTO_RACE_STEPS // 4) == 13
     # One Gaussian over two equal modes of width s at ±1 costs 0.5 log((1 + s²) / s²) - log 2
     # nats more than the truth: 3 nats at θ = ±1 (s ≈ 0.05 / 2); a learned NSF is not exact.
     assert losses["maf"] > losses["nsf"] + 0.5
+    # The winner is trained again in full from the random state the race started from: the
+    # same model as NPE(prior, "nsf") trained alone.
+    torch.manual_seed(0)
+    alone = NPE(prior, "nsf")
+    alone_history = alone.fit((data["theta"], data["x"]), config=config)
+    assert history.val_loss == alone_history.val_loss and len(history.val_loss) > 13
+    for a, b in zip(npe.estimator.state_dict().values(), alone.estimator.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
     samples = npe.posterior(np.array([1.0])).sample((4000,)).numpy()[:, 0]
     assert 0.35 < (samples > 0).mean() < 0.65 and np.abs(np.abs(samples) - 1).mean() < 0.15
     save(npe, tmp_path / "model")
@@ -237,5 +249,6 @@ def test_auto_keeps_the_family_with_the_lower_validation_loss(tmp_path):
     assert loaded.estimator_name == "nsf" and loaded.metadata["estimator_selection"] == losses
     theta = torch.tensor([[0.9], [-1.1], [0.2]])
     torch.testing.assert_close(loaded.posterior(np.array([1.0])).log_prob(theta), npe.posterior(np.array([1.0])).log_prob(theta))
-    with pytest.raises(ValueError, match="name it instead of 'auto'"):
-        NPE(prior, "auto", estimator_kwargs={"transforms": 2})
+    for estimator in ("auto", None):
+        with pytest.raises(ValueError, match="name it .* instead of 'auto', which races nsf and maf"):
+            NPE(prior, estimator, estimator_kwargs={"transforms": 2})

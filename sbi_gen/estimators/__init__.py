@@ -49,7 +49,8 @@ ESTIMATORS: dict[str, type[ConditionalEstimator]] = {
 """Estimator classes by name (``cls.name``); the CLI resolves ``--estimator`` through it."""
 
 DEFAULT_ESTIMATOR = "nsf"
-"""Name of the estimator used when none is given."""
+"""The estimator of a method that sets no default of its own. NPE's default races this family
+against MAF (``"auto"``), NLE's is MAF: see :mod:`sbi_gen.inference`."""
 
 _COMMON = ("y_dim", "c_shape", "embedding", "embedding_kwargs", "y_prior")
 

@@ -5,7 +5,7 @@ log-density is exact by the change of variables,
 :math:`\log q(y \mid c) = \log \mathcal{N}(f(y; c)) + \log |\det \partial f / \partial y|`.
 Training minimizes the negative log-likelihood.
 
-- :class:`NSF` (the default estimator): autoregressive rational-quadratic spline flow.
+- :class:`NSF` (the default family; NPE by default races it against MAF): autoregressive rational-quadratic spline flow.
 - :class:`MAF`: masked autoregressive flow with affine transforms.
 - :class:`CNF`: continuous flow (FFJORD); exact log-density through an ODE solve.
 
@@ -354,7 +354,8 @@ class NSF(ConditionalEstimator):
     ``maf_b512_lr2e3``) against the NSF's 0.540: there the spline's flexibility is what costs.
     Its validation loss was lower there too (10.79 vs 10.89 nats, training seed 0) and higher
     on two_moons and slcp (−2.06 vs −2.16, 3.80 vs 2.80), so choosing the family by held-out
-    likelihood would pick the better one on each task (``estimator="auto"`` does that). NLE with an NSF uses the
+    likelihood would pick the better one on each task (``estimator="auto"``, NPE's default, does
+    that after racing both for 3 epochs, see :mod:`sbi_gen.inference`). NLE with an NSF uses the
     same defaults, not measured there.
 
     Arguments:
