@@ -17,7 +17,8 @@ def moons(tmp_path_factory):
     root = tmp_path_factory.mktemp("moons")
     sbi_gen("simulate", "two_moons", "--n", 3000, "--out", root / "train.h5", "--seed", 1, "--quiet")
     sbi_gen("simulate", "two_moons", "--n", 300, "--out", root / "test.h5", "--seed", 2, "--quiet")
-    sbi_gen("train", root / "train.h5", "--out", root / "npe", "--max-epochs", 8, "--estimator-kwargs", SMALL_FLOW, "--quiet")
+    sbi_gen("train", root / "train.h5", "--estimator", "nsf", "--out", root / "npe", "--max-epochs", 8,
+            "--estimator-kwargs", SMALL_FLOW, "--quiet")
     return root
 
 
