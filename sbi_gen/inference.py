@@ -205,7 +205,8 @@ class _Method(abc.ABC):
         """Race the families of :data:`AUTO_FAMILIES` for a few epochs on the same split
         (``config.seed``), then train the one with the lower validation loss in full; the race's
         losses are in ``metadata["estimator_selection"]``, its length in
-        ``metadata["estimator_race_epochs"]``."""
+        ``metadata["estimator_race_epochs"]`` and its training time in
+        ``metadata["estimator_race_seconds"]`` (the returned history is the winner's full training)."""
         assert self.prior is not None
         y_key, c_key = self._file_roles
         n_rows = read_info(training_data)["n_valid"] if isinstance(training_data, (str, os.PathLike)) else len(training_data[0])
@@ -232,6 +233,7 @@ class _Method(abc.ABC):
         self.estimator_name, self.x_shape = best, x_shape
         self.metadata["estimator_selection"] = {name: float(h.best_val_loss) for name, (h, _) in fitted.items()}
         self.metadata["estimator_race_epochs"] = min(race_epochs, config.max_epochs)
+        self.metadata["estimator_race_seconds"] = sum(h.seconds for h, _ in fitted.values())
         self.estimator.to(self.device)
         return self.history
 

@@ -181,8 +181,8 @@ def test_train_auto_reports_both_families_and_keeps_one(tmp_path):
     sbi_gen("simulate", "two_moons", "--n", 1500, "--out", data, "--seed", 0, "--quiet")
     model = tmp_path / "auto"
     out = sbi_gen("train", data, "--out", model, "--max-epochs", 2, "--quiet").stdout  # npe's default: auto
-    line = next(line for line in out.splitlines() if line.startswith("validation loss by family after 2 epochs"))
-    losses = {name: float(value) for name, value in (part.split() for part in line.split(": ")[1].split("; ")[0].split(", "))}
+    line = next(line for line in out.splitlines() if line.startswith("validation loss by family after 2 epochs ("))
+    losses = {name: float(value) for name, value in (part.split() for part in line.split("): ")[1].split("; ")[0].split(", "))}
     kept = line.rsplit("kept ", 1)[1]
     assert set(losses) == {"nsf", "maf"} and kept == min(losses, key=losses.get)
     config = json.loads((model / "config.json").read_text())

@@ -231,6 +231,7 @@ def test_auto_keeps_the_family_with_the_lower_validation_loss(tmp_path):
     assert set(losses) == {"nsf", "maf"} and npe.estimator_name == "nsf"
     # 1,800 training rows in batches of 512: 4 steps an epoch, so the race runs 13 epochs.
     assert npe.metadata["estimator_race_epochs"] == -(-AUTO_RACE_STEPS // 4) == 13
+    assert 0 < npe.metadata["estimator_race_seconds"] and history.seconds > 0
     # One Gaussian over two equal modes of width s at ±1 costs 0.5 log((1 + s²) / s²) - log 2
     # nats more than the truth: 3 nats at θ = ±1 (s ≈ 0.05 / 2); a learned NSF is not exact.
     assert losses["maf"] > losses["nsf"] + 0.5
