@@ -226,14 +226,16 @@ class _Method(abc.ABC):
         # A family whose validation loss is not finite (diverged) is never kept over one that is.
         best = min(fitted, key=lambda name: _finite_or_inf(fitted[name][0].best_val_loss))
         self.history, self.estimator = fitted[best]
+        race = {name: history for name, (history, _) in fitted.items()}
         if not whole:
+            del fitted  # the race's models: only the winner's full training is kept
             torch.random.set_rng_state(initial_rng)
             self.estimator = self._build(self.prior.dim, x_shape, best)
             self.history = fit(self.estimator, training_data, config=config, y_key=y_key, c_key=c_key)
         self.estimator_name, self.x_shape = best, x_shape
-        self.metadata["estimator_selection"] = {name: float(h.best_val_loss) for name, (h, _) in fitted.items()}
+        self.metadata["estimator_selection"] = {name: float(h.best_val_loss) for name, h in race.items()}
         self.metadata["estimator_race_epochs"] = min(race_epochs, config.max_epochs)
-        self.metadata["estimator_race_seconds"] = sum(h.seconds for h, _ in fitted.values())
+        self.metadata["estimator_race_seconds"] = sum(h.seconds for h in race.values())
         self.estimator.to(self.device)
         return self.history
 
