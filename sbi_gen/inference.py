@@ -22,6 +22,7 @@ import abc
 import dataclasses
 import math
 import os
+import time
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -206,7 +207,9 @@ class _Method(abc.ABC):
         (``config.seed``), then train the one with the lower validation loss in full; the race's
         losses are in ``metadata["estimator_selection"]``, its length in
         ``metadata["estimator_race_epochs"]`` and its training time in
-        ``metadata["estimator_race_seconds"]`` (the returned history is the winner's full training)."""
+        ``metadata["estimator_race_seconds"]`` (the returned history is the winner's full training).
+        A family whose training diverges (``FloatingPointError``) loses the race with a warning;
+        if every family diverges, the first one's error is raised."""
         assert self.prior is not None
         y_key, c_key = self._file_roles
         n_rows = read_info(training_data)["n_valid"] if isinstance(training_data, (str, os.PathLike)) else len(training_data[0])
@@ -218,24 +221,33 @@ class _Method(abc.ABC):
         # that family alone would start from: the kept model is the one ``NPE(prior, winner)``
         # would have trained.
         initial_rng = torch.random.get_rng_state()
-        fitted = {}
+        fitted, diverged = {}, {}
+        race_started = time.perf_counter()
         for name in AUTO_FAMILIES:
             torch.random.set_rng_state(initial_rng)
             estimator = self._build(self.prior.dim, x_shape, name)
-            fitted[name] = (fit(estimator, training_data, config=race_config, y_key=y_key, c_key=c_key), estimator)
-        # A family whose validation loss is not finite (diverged) is never kept over one that is.
+            try:
+                fitted[name] = (fit(estimator, training_data, config=race_config, y_key=y_key, c_key=c_key), estimator)
+            except FloatingPointError as error:  # a diverging family loses the race; the others may not diverge
+                diverged[name] = error
+                warnings.warn(f"estimator race: {name} diverged and is not kept ({error})", stacklevel=3)
+        if not fitted:
+            raise next(iter(diverged.values()))
+        # A family whose validation loss is not finite is never kept over one that is.
         best = min(fitted, key=lambda name: _finite_or_inf(fitted[name][0].best_val_loss))
         self.history, self.estimator = fitted[best]
-        race = {name: history for name, (history, _) in fitted.items()}
+        race = {name: history.best_val_loss for name, (history, _) in fitted.items()}
+        race_seconds = time.perf_counter() - race_started
         if not whole:
             del fitted  # the race's models: only the winner's full training is kept
             torch.random.set_rng_state(initial_rng)
             self.estimator = self._build(self.prior.dim, x_shape, best)
             self.history = fit(self.estimator, training_data, config=config, y_key=y_key, c_key=c_key)
         self.estimator_name, self.x_shape = best, x_shape
-        self.metadata["estimator_selection"] = {name: float(h.best_val_loss) for name, h in race.items()}
+        # Validation losses by family, in AUTO_FAMILIES order; a diverged family's is infinite.
+        self.metadata["estimator_selection"] = {name: float(race.get(name, math.inf)) for name in AUTO_FAMILIES}
         self.metadata["estimator_race_epochs"] = min(race_epochs, config.max_epochs)
-        self.metadata["estimator_race_seconds"] = sum(h.seconds for h in race.values())
+        self.metadata["estimator_race_seconds"] = race_seconds
         self.estimator.to(self.device)
         return self.history
 

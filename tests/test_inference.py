@@ -210,6 +210,23 @@ def test_default_estimators_differ_by_method():
     assert NLE(prior, "nsf").estimator_name == "nsf"
 
 
+def test_a_family_that_diverges_loses_the_race_and_the_other_is_kept():
+    """At a learning rate of 5 without gradient clipping the affine flow's scales blow up to a
+    NaN loss in the first epoch, while the spline flow's bounded bins keep a finite one: the
+    default NPE warns, keeps the NSF and records the MAF's loss as infinite."""
+    task = simulators.get("two_moons")
+    data = simulate(task, n=2000, seed=0)
+    torch.manual_seed(0)
+    npe = NPE(task.prior)
+    config = npe.train_config(progress=False, max_epochs=10, learning_rate=5.0, clip_grad_norm=None)
+    with pytest.warns(UserWarning, match="estimator race: maf diverged and is not kept"):
+        npe.fit((data["theta"], data["x"]), config=config)
+    losses = npe.metadata["estimator_selection"]
+    assert npe.estimator_name == "nsf" and losses["maf"] == math.inf and math.isfinite(losses["nsf"])
+    # (At that rate the NSF is no good posterior either; the point is which family is kept.)
+    assert type(npe.estimator).__name__ == "NSF" and math.isfinite(npe.history.best_val_loss)
+
+
 def test_auto_keeps_the_family_with_the_lower_validation_loss(tmp_path):
     """θ ~ U(-2, 2), x = θ² + noise: the 1-D posterior has modes at ±sqrt(x). A MAF in one
     dimension is a single affine map of a Gaussian (unimodal), so the spline flow must win the
