@@ -1047,7 +1047,9 @@ def run_mcmc(
     10,000 SIR proposals cost one batched ``log_prob`` call. Slice sampling is the default:
     it needs no gradients and no step size and costs about 5 potential rows per chain and
     dimension per step; on the flow above it gave 1.5 times HMC's ESS per draw for 1.4 times
-    its CPU time (HMC: 10 leapfrog steps with gradients), and it copes with ``-inf``.    Arguments:
+    its CPU time (HMC: 10 leapfrog steps with gradients), and it copes with ``-inf``.
+
+    Arguments:
         log_prob: Unnormalized log posterior in constrained space (log-likelihood plus
             log-prior), ``(N, D) -> (N,)``; must be differentiable for ``sampler="hmc"``.
         prior: Prior with ``transform`` (bijection :math:`\mathbb{R}^D \to` support),
