@@ -86,8 +86,9 @@ def _as_training_data(data: Any) -> tuple[Tensor, Tensor, dict[str, Any]]:
 # posterior exactly and the spline's freedom only adds variance there; it cannot fit two_moons'
 # crescents or slcp's modes. C2ST over those 4 seeds: gaussian_linear 0.525 ± 0.003 with the
 # race against 0.536 ± 0.006 with the NSF alone (sbi's NPE 0.523 ± 0.006); two_moons and slcp
-# unchanged (the same NSF is trained). The race costs 3 epochs of each family, about 1 s of a
-# 60 s two_moons fit; on gaussian_linear the MAF trains faster than the NSF did (4.9 s vs 6–7 s).
+# unchanged (the same NSF is trained). The race costs 3 epochs of each family, one thread:
+# 2.8 s of a 71 s two_moons fit, 1.7 s of 26 s on slcp, 2.3 s of 5.2 s on gaussian_linear
+# (whose NSF alone took 6–7 s).
 AUTO = "auto"
 AUTO_FAMILIES = ("nsf", "maf")
 AUTO_RACE_EPOCHS = 3
