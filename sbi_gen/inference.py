@@ -544,10 +544,12 @@ class NLE(_Method):
         (slice and HMC adapt their frame over it); ``thin=None`` lets ``imh`` keep every
         :math:`\lceil 1/a \rceil`-th step (2 to 20) for a warm-up acceptance :math:`a`, so that
         a chain moves about once between kept draws, and keeps every step otherwise. Measured
-        with ``benchmarks/compare_sbi.py`` (maf likelihood, 10,000 simulations, 4 observations,
-        10,000 draws each): C2ST 0.532 / 0.786 / 0.524 in 0.91 / 0.97 / 0.82 s per observation
-        on two_moons / slcp / gaussian_linear, against 0.588 / 0.785 / 0.531 in 12.7 / 31.5 /
-        67 s for sbi's default NLE (slcp with sbibm's 10,000-draw C2ST: 0.796 against 0.800).
+        with ``benchmarks/compare_sbi.py`` (maf likelihood, 10,000 simulations, 4 replicate
+        seeds × 4 observations, 10,000 draws each, one thread): C2ST 0.529 ± 0.008 / 0.741 ±
+        0.029 / 0.518 ± 0.003 in 0.91 / 1.11 / 1.05 s per observation on two_moons / slcp /
+        gaussian_linear, against 0.597 ± 0.007 / 0.731 ± 0.030 / 0.523 ± 0.004 in 15.4 / 36.8 /
+        76 s for sbi's default NLE (paired differences −0.068 ± 0.012, +0.010 ± 0.012,
+        −0.005 ± 0.004; one earlier seed on slcp with sbibm's 10,000-draw C2ST: 0.796 against 0.800).
         On slcp (four sign-degenerate modes, each much narrower than their spread) the mixture
         part raised the acceptance from 0.10–0.27 to 0.27–0.44 and, on one trained likelihood,
         gave the slice sampler's answer (C2ST 0.915 vs 0.917 at the hardest observation) 13
