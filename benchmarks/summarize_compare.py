@@ -41,8 +41,9 @@ def main() -> None:
                   f"{np.mean([r['train_s'] for r in runs]):>9.1f}{np.mean([r['sample_s_per_obs'] for r in runs]):>13.2f}")
     print("\nours against each baseline, runs paired by seed (C2ST difference, < 0 is better; time ratios)")
     for task in tasks:
-        for ours, theirs in (("ours-npe", "sbi-npe"), ("ours-npe", "zuko"), ("ours-npe-auto", "sbi-npe"),
-                             ("ours-npe-auto", "ours-npe"), ("ours-nle", "sbi-nle")):
+        # ours-npe-nsf / -maf: one family alone, against the default's race of both.
+        for ours, theirs in (("ours-npe", "sbi-npe"), ("ours-npe", "zuko"), ("ours-npe-nsf", "ours-npe"),
+                             ("ours-npe-maf", "ours-npe"), ("ours-nle", "sbi-nle")):
             a = {r["seed"]: r for r in rows.get((task, ours), [])}
             b = {r["seed"]: r for r in rows.get((task, theirs), [])}
             seeds = sorted(set(a) & set(b))
