@@ -151,7 +151,8 @@ def _cmd_train(args: argparse.Namespace) -> None:
     if main:
         save(model, args.out)
         if args.estimator == AUTO:
-            losses = ", ".join(f"{name} {loss:.4f}" for name, loss in model.metadata["estimator_selection"].items())
+            losses = ", ".join(f"{name} {'diverged' if loss is None else f'{loss:.4f}'}"
+                               for name, loss in model.metadata["estimator_selection"].items())
             print(f"validation loss by family after {model.metadata['estimator_race_epochs']} epochs "
                   f"({model.metadata['estimator_race_seconds']:.1f} s): {losses}; kept {model.estimator_name}")
         print(f"best validation loss {history.best_val_loss:.4f} at epoch {history.best_epoch + 1} "

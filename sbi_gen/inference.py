@@ -209,8 +209,8 @@ class _Method(abc.ABC):
         losses are in ``metadata["estimator_selection"]``, its length in
         ``metadata["estimator_race_epochs"]`` and its training time in
         ``metadata["estimator_race_seconds"]`` (the returned history is the winner's full training).
-        A family whose training diverges (``FloatingPointError``) loses the race with a warning;
-        if every family diverges, the first one's error is raised."""
+        A family whose training diverges (``FloatingPointError``) loses the race with a warning
+        (its loss recorded as ``None``); if every family diverges, the first one's error is raised."""
         assert self.prior is not None
         y_key, c_key = self._file_roles
         n_rows = read_info(training_data)["n_valid"] if isinstance(training_data, (str, os.PathLike)) else len(training_data[0])
@@ -245,8 +245,11 @@ class _Method(abc.ABC):
             self.estimator = self._build(self.prior.dim, x_shape, best)
             self.history = fit(self.estimator, training_data, config=config, y_key=y_key, c_key=c_key)
         self.estimator_name, self.x_shape = best, x_shape
-        # Validation losses by family, in AUTO_FAMILIES order; a diverged family's is infinite.
-        self.metadata["estimator_selection"] = {name: float(race.get(name, math.inf)) for name in AUTO_FAMILIES}
+        # Validation losses by family, in AUTO_FAMILIES order; None for a family that diverged
+        # (strict JSON in the checkpoint's config, which has no infinity).
+        self.metadata["estimator_selection"] = {
+            name: float(race[name]) if name in race and math.isfinite(race[name]) else None for name in AUTO_FAMILIES
+        }
         self.metadata["estimator_race_epochs"] = min(race_epochs, config.max_epochs)
         self.metadata["estimator_race_seconds"] = race_seconds
         self.estimator.to(self.device)

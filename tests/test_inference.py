@@ -1,5 +1,6 @@
 """NPE and NLE against analytic posteriors."""
 
+import json
 import math
 
 import numpy as np
@@ -210,10 +211,10 @@ def test_default_estimators_differ_by_method():
     assert NLE(prior, "nsf").estimator_name == "nsf"
 
 
-def test_a_family_that_diverges_loses_the_race_and_the_other_is_kept():
+def test_a_family_that_diverges_loses_the_race_and_the_other_is_kept(tmp_path):
     """At a learning rate of 5 without gradient clipping the affine flow's scales blow up to a
     NaN loss in the first epoch, while the spline flow's bounded bins keep a finite one: the
-    default NPE warns, keeps the NSF and records the MAF's loss as infinite."""
+    default NPE warns, keeps the NSF and records no loss for the MAF (None: strict JSON)."""
     task = simulators.get("two_moons")
     data = simulate(task, n=2000, seed=0)
     torch.manual_seed(0)
@@ -222,9 +223,18 @@ def test_a_family_that_diverges_loses_the_race_and_the_other_is_kept():
     with pytest.warns(UserWarning, match="estimator race: maf diverged and is not kept"):
         npe.fit((data["theta"], data["x"]), config=config)
     losses = npe.metadata["estimator_selection"]
-    assert npe.estimator_name == "nsf" and losses["maf"] == math.inf and math.isfinite(losses["nsf"])
+    assert npe.estimator_name == "nsf" and losses["maf"] is None and math.isfinite(losses["nsf"])
     # (At that rate the NSF is no good posterior either; the point is which family is kept.)
     assert type(npe.estimator).__name__ == "NSF" and math.isfinite(npe.history.best_val_loss)
+    from sbi_gen.checkpoint import save
+
+    save(npe, tmp_path / "model")
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"config.json is not strict JSON: {constant}")
+
+    config = json.loads((tmp_path / "model" / "config.json").read_text(), parse_constant=refuse)
+    assert config["metadata"]["estimator_selection"]["maf"] is None
 
 
 def test_auto_keeps_the_family_with_the_lower_validation_loss(tmp_path):
