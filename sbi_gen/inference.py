@@ -164,10 +164,12 @@ class _Method(abc.ABC):
             # ``fit`` reads the file itself: loaded, or streamed when large (TrainConfig.streaming).
             info = read_info(data)
             theta_shape, x_shape_full = tuple(info["shapes"]["theta"]), tuple(info["shapes"]["x"])
+            n_rows = int(info["n_valid"])  # only valid rows are trained on
             training_data: Any = data
         else:
             theta, x, info = _as_training_data(data)
             theta_shape, x_shape_full = tuple(theta.shape), tuple(x.shape)
+            n_rows = theta_shape[0]
             training_data = self._roles(theta, x)
         if len(theta_shape) != 2:
             raise ValueError(f"theta must have shape (n, D), got {theta_shape}")
@@ -194,7 +196,7 @@ class _Method(abc.ABC):
         config = config or self.train_config()
         self.device = resolve_device(config.device)
         if self.auto:
-            return self._fit_auto(training_data, x_shape, config)
+            return self._fit_auto(training_data, x_shape, n_rows, config)
         if self.estimator is None or self.x_shape != x_shape:
             self.x_shape = x_shape
             self.estimator = self._build(self.prior.dim, x_shape)
@@ -203,7 +205,7 @@ class _Method(abc.ABC):
         self.estimator.to(self.device)
         return self.history
 
-    def _fit_auto(self, training_data: Any, x_shape: tuple[int, ...], config: TrainConfig) -> History:
+    def _fit_auto(self, training_data: Any, x_shape: tuple[int, ...], n_rows: int, config: TrainConfig) -> History:
         """Race the families of :data:`AUTO_FAMILIES` for a few epochs on the same split
         (``config.seed``), then train the one with the lower validation loss in full; the race's
         losses are in ``metadata["estimator_selection"]``, its length in
@@ -213,8 +215,7 @@ class _Method(abc.ABC):
         (its loss recorded as ``None``); if every family diverges, the first one's error is raised."""
         assert self.prior is not None
         y_key, c_key = self._file_roles
-        n_rows = read_info(training_data)["n_valid"] if isinstance(training_data, (str, os.PathLike)) else len(training_data[0])
-        race_epochs = _race_epochs(int(n_rows), config)
+        race_epochs = _race_epochs(n_rows, config)
         # A race as long as the whole training is the whole training: its winner is kept as it is.
         whole = race_epochs >= config.max_epochs
         race_config = config if whole else dataclasses.replace(config, max_epochs=race_epochs)
@@ -236,11 +237,12 @@ class _Method(abc.ABC):
             raise next(iter(diverged.values()))
         # A family whose validation loss is not finite is never kept over one that is.
         best = min(fitted, key=lambda name: _finite_or_inf(fitted[name][0].best_val_loss))
-        self.history, self.estimator = fitted[best]
         race = {name: history.best_val_loss for name, (history, _) in fitted.items()}
         race_seconds = time.perf_counter() - race_started
-        if not whole:
-            del fitted  # the race's models: only the winner's full training is kept
+        if whole:
+            self.history, self.estimator = fitted[best]
+        else:
+            del fitted  # the race's models are dropped before the winner's full training
             torch.random.set_rng_state(initial_rng)
             self.estimator = self._build(self.prior.dim, x_shape, best)
             self.history = fit(self.estimator, training_data, config=config, y_key=y_key, c_key=c_key)

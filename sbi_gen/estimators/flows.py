@@ -252,12 +252,13 @@ class _MaskedAutoregressive(MaskedAutoregressiveTransform):
 
 
 def _masked_autoregressive_flow(
-    features: int, context: int, transforms: int, passes: int | None, hidden_features: list[int], **univariate: Any
+    features: int, context: int, transforms: int, passes: int | None, hidden_features: list[int], **maf_kwargs: Any
 ) -> zuko.flows.Flow:
-    """``zuko.flows.MAF`` (its modules and state-dict keys), with its transforms inverted pass by pass."""
+    """``zuko.flows.MAF`` (its modules and state-dict keys), with its transforms inverted pass by
+    pass; ``maf_kwargs`` (``univariate``, ``shapes``) go to ``zuko.flows.MAF``."""
     flow = zuko.flows.MAF(
         features=features, context=context, transforms=transforms, passes=passes, hidden_features=hidden_features,
-        **univariate,
+        **maf_kwargs,
     )
     for transform in flow.transform.transforms:
         if type(transform) is MaskedAutoregressiveTransform:
