@@ -116,6 +116,14 @@ class Prior(Distribution, abc.ABC):
         return f"{type(self).__name__}({', '.join(self.names)})"
 
 
+def _plain(values: Any) -> Any:
+    """Numbers for JSON, each the shortest decimal that reads back as the same value in its own
+    dtype: a float32 bound 0.1 is written ``0.1``, not ``0.10000000149011612``."""
+    array = torch.as_tensor(values).detach().cpu().numpy()
+    plain = np.array([float(str(v)) for v in array.reshape(-1)]).reshape(array.shape)
+    return plain.tolist()
+
+
 class BoxUniform(Prior):
     r"""Independent uniform prior on the box :math:`[low_i, high_i]`.
 
@@ -178,8 +186,8 @@ class BoxUniform(Prior):
     def to_dict(self) -> dict[str, Any]:
         return {
             "type": "BoxUniform",
-            "low": self.low.tolist(),
-            "high": self.high.tolist(),
+            "low": _plain(self.low),
+            "high": _plain(self.high),
             "names": self.names,
             "units": self.units,
         }
@@ -254,11 +262,11 @@ class Gaussian(Prior):
         return self._mvn.log_prob(torch.as_tensor(value, dtype=self.loc.dtype))
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"type": "Gaussian", "mean": self.loc.tolist(), "names": self.names, "units": self.units}
+        out: dict[str, Any] = {"type": "Gaussian", "mean": _plain(self.loc), "names": self.names, "units": self.units}
         if self.diagonal:
-            out["scale"] = torch.sqrt(torch.diagonal(self.covariance)).tolist()
+            out["scale"] = _plain(torch.sqrt(torch.diagonal(self.covariance)))
         else:
-            out["covariance"] = self.covariance.tolist()
+            out["covariance"] = _plain(self.covariance)
         return out
 
 
@@ -356,7 +364,7 @@ class IndependentPrior(Prior):
         for factor in self.factors:
             kind = type(factor).__name__
             _, args = _UNIVARIATE[kind]
-            factors.append({"type": kind, **{a: float(getattr(factor, a)) for a in args}})
+            factors.append({"type": kind, **{a: _plain(getattr(factor, a)) for a in args}})
         return {"type": "IndependentPrior", "factors": factors, "names": self.names, "units": self.units}
 
 

@@ -53,6 +53,7 @@ import torch
 
 from sbi_gen import inplace
 from sbi_gen.parallel import run_tasks
+from sbi_gen.priors import prior_from_dict
 from sbi_gen.simulate import chunk_seeds, run_chunk
 
 try:  # ISA-L's deflate: standard zlib streams (any HDF5 reader inflates them), about 5x faster
@@ -154,8 +155,22 @@ def _run_description(simulator: Any, prior: Any, n: int, seed: int, chunk_size: 
     }
 
 
+def _same_prior(a: Any, b: Any) -> bool:
+    """Priors compared as distributions: a run recorded when bounds were written with float32's
+    long decimals (0.10000000149011612) is the same run as one written with 0.1."""
+    if a == b:
+        return True
+    try:
+        return prior_from_dict(json.loads(a)).to_dict() == prior_from_dict(json.loads(b)).to_dict()
+    except (TypeError, ValueError, KeyError):
+        return False
+
+
 def _differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
-    return [key for key in _RUN_KEYS if a.get(key) != b.get(key)]
+    return [
+        key for key in _RUN_KEYS
+        if not (_same_prior(a.get(key), b.get(key)) if key == "prior" else a.get(key) == b.get(key))
+    ]
 
 
 # Deflate is skipped for a chunk whose sample (8 slices of 1 KiB spread over the shuffled bytes,
@@ -1007,8 +1022,6 @@ class TrainingSet:
     @property
     def prior(self) -> Any:
         """The prior the file was simulated from."""
-        from sbi_gen.priors import prior_from_dict
-
         return prior_from_dict(self.info["prior_decoded"])
 
     @property

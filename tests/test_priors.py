@@ -26,6 +26,18 @@ def test_sample_log_prob_and_json_round_trip(kind):
     torch.testing.assert_close(again.log_prob(theta), prior.log_prob(theta))
 
 
+def test_json_numbers_are_the_shortest_decimals_of_the_float32_values():
+    # float32(0.1) is 0.100000001490116...: written as 0.1, which reads back as the same float32.
+    prior = BoxUniform([0.1, 0.6, -1.5], [0.5, 1.0, -0.5])
+    assert prior.to_dict()["low"] == [0.1, 0.6, -1.5] and prior.to_dict()["high"] == [0.5, 1.0, -0.5]
+    assert torch.equal(prior_from_dict(prior.to_dict()).low, prior.low)
+    gaussian = Gaussian([0.3, 0.0], covariance=[[0.1, 0.01], [0.01, 0.2]])
+    assert gaussian.to_dict()["covariance"] == [[0.1, 0.01], [0.01, 0.2]]
+    assert torch.equal(prior_from_dict(gaussian.to_dict()).covariance, gaussian.covariance)
+    product = IndependentPrior([Normal(0.1, 0.3), Uniform(-0.7, 0.2)])
+    assert [f["loc"] if "loc" in f else f["low"] for f in product.to_dict()["factors"]] == [0.1, -0.7]
+
+
 @pytest.mark.parametrize("kind", sorted(PRIORS))
 def test_bijection_inverts_and_maps_onto_support(kind):
     prior = PRIORS[kind]()

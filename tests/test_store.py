@@ -1,5 +1,6 @@
 """The HDF5 store: determinism, crash safety (real kill -9), accounting and clear errors."""
 
+import json
 import os
 import signal
 import subprocess
@@ -182,6 +183,37 @@ def test_unfinished_run_is_not_mistaken_for_complete_and_resumes(tmp_path):
         simulate_to_hdf5(clean, 1000, tmp_path / "c.h5", seed=6, chunk_size=100, progress=False)
     simulate_to_hdf5(clean, 1000, tmp_path / "c.h5", seed=6, chunk_size=100, overwrite=True, progress=False)
     assert read_info(tmp_path / "c.h5")["seed"] == 6
+
+
+def test_a_run_recorded_with_long_float32_decimals_resumes(tmp_path):
+    # Runs recorded before priors were written with the shortest decimals hold
+    # 0.10000000149011612 for a float32 bound of 0.1: the same prior, so the run resumes.
+    path = tmp_path / "a.h5"
+    prior = BoxUniform([0.1, 0.6], [0.5, 1.0])
+    calls = {"n": 0}
+
+    def flaky(theta, rng):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return theta + rng.normal(size=theta.shape)
+
+    sim = as_simulator(flaky, prior, name="flaky", observable_shape=(2,))
+    with pytest.raises(KeyboardInterrupt):
+        simulate_to_hdf5(sim, 500, path, seed=5, chunk_size=100, progress=False)
+    manifest = path.with_name(path.name + ".partial") / "run.json"
+    run = json.loads(manifest.read_text())
+    recorded = json.loads(run["prior"])
+    recorded["low"] = prior.low.tolist()  # float32 values as float64 decimals
+    assert recorded["low"][0] == 0.10000000149011612
+    run["prior"] = json.dumps(recorded, sort_keys=True)
+    manifest.write_text(json.dumps(run))
+    summary = simulate_to_hdf5(sim, 500, path, seed=5, chunk_size=100, progress=False)
+    assert summary.chunks_resumed == 2
+    # A prior that really differs is still refused.
+    other = as_simulator(flaky, BoxUniform([0.1, 0.6], [0.5, 1.1]), name="flaky", observable_shape=(2,))
+    with pytest.raises(StoreError, match="prior"):
+        simulate_to_hdf5(other, 500, path, seed=5, chunk_size=100, progress=False)
 
 
 @pytest.mark.parametrize(
