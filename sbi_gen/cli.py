@@ -150,7 +150,9 @@ def _cmd_train(args: argparse.Namespace) -> None:
     history = model.fit(args.data, config=config)
     if main:
         save(model, args.out)
-        if args.estimator == AUTO:
+        if args.estimator == AUTO and model.metadata.get("estimator_unraced"):
+            print(f"kept {model.estimator_name} without a race ({model.metadata['estimator_unraced']} CNN)")
+        elif args.estimator == AUTO:
             losses = ", ".join(f"{name} {'diverged' if loss is None else f'{loss:.4f}'}"
                                for name, loss in model.metadata["estimator_selection"].items())
             print(f"validation loss by family after {model.metadata['estimator_race_epochs']} epochs "

@@ -192,6 +192,17 @@ def test_train_auto_reports_both_families_and_keeps_one(tmp_path):
                                       check=False), "name it with --estimator (e.g. nsf) instead of auto, which races nsf and maf")
 
 
+def test_train_on_maps_keeps_the_nsf_without_a_race(tmp_path):
+    data = tmp_path / "maps.h5"
+    sbi_gen("simulate", "cosmology", "--n", 200, "--config", '{"n_pix": 8}', "--out", data, "--seed", 0, "--quiet")
+    model = tmp_path / "maps_npe"
+    out = sbi_gen("train", data, "--out", model, "--max-epochs", 1, "--quiet").stdout
+    assert "kept nsf without a race (cnn embedding: each family would train its own CNN)" in out
+    assert "validation loss by family" not in out
+    config = json.loads((model / "config.json").read_text())
+    assert config["estimator_name"] == "nsf" and config["metadata"]["estimator_race_epochs"] == 0
+
+
 def test_nle_through_the_cli(tmp_path):
     data = tmp_path / "lin.h5"
     sbi_gen("simulate", "two_moons", "--n", 1500, "--out", data, "--seed", 0, "--quiet")

@@ -237,6 +237,31 @@ def test_a_family_that_diverges_loses_the_race_and_the_other_is_kept(tmp_path):
     assert config["metadata"]["estimator_selection"]["maf"] is None
 
 
+def test_auto_does_not_race_on_maps_and_trains_the_nsf_as_named():
+    """With a CNN embedding each raced family would train its own CNN: the default trains the
+    NSF directly, the same model as NPE(prior, "nsf"), and says so in its metadata."""
+    prior = BoxUniform([0.5], [2.0], names=["amplitude"])
+
+    def maps(theta, rng):
+        return theta[:, :, None] * rng.normal(size=(len(theta), 8, 8))
+
+    sim = as_simulator(maps, prior, name="noise_maps", observable_shape=(8, 8))
+    data = simulate(sim, n=300, seed=0)
+    config = NPE(prior, "nsf").train_config(progress=False, max_epochs=3)
+    small_cnn = {"channels": [4], "hidden": [8], "out_features": 4}
+    torch.manual_seed(0)
+    npe = NPE(prior, embedding_kwargs=small_cnn)
+    history = npe.fit((data["theta"], data["x"]), config=config)
+    assert npe.estimator_name == "nsf" and npe.estimator.embedding_name == "cnn"
+    assert npe.metadata["estimator_race_epochs"] == 0 and npe.metadata["estimator_selection"] == {}
+    assert "cnn embedding" in npe.metadata["estimator_unraced"]
+    torch.manual_seed(0)
+    alone = NPE(prior, "nsf", embedding_kwargs=small_cnn)
+    assert alone.fit((data["theta"], data["x"]), config=config).val_loss == history.val_loss
+    for a, b in zip(npe.estimator.state_dict().values(), alone.estimator.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_auto_keeps_the_family_with_the_lower_validation_loss(tmp_path):
     """θ ~ U(-2, 2), x = θ² + noise: the 1-D posterior has modes at ±sqrt(x). A MAF in one
     dimension is a single affine map of a Gaussian (unimodal), so the spline flow must win the
