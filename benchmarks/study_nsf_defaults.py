@@ -133,6 +133,14 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
         "nsf": {"bins": 16},
         "unbounded": True,
     },
+    # The affine flow alone, as NPE's race trains it (its own defaults: plain TrainConfig, θ
+    # as it is) and with narrower, fewer or regularized conditioners: gaussian_linear's
+    # posterior is Gaussian, so what limits the MAF there is how much it overfits.
+    "maf_unbounded": {"estimator": "maf", "train": {}, "nsf": {}, "unbounded": True},
+    "maf_unbounded_h64": {"estimator": "maf", "train": {}, "nsf": {"hidden_features": [64, 64]}, "unbounded": True},
+    "maf_unbounded_t3": {"estimator": "maf", "train": {}, "nsf": {"transforms": 3}, "unbounded": True},
+    "maf_unbounded_ema": {"estimator": "maf", "train": {"ema_decay": 0.999}, "nsf": {}, "unbounded": True},
+    "maf_unbounded_wd1e2": {"estimator": "maf", "train": {"weight_decay": 1e-2}, "nsf": {}, "unbounded": True},
     "short_b1024_lr3e3": {
         "train": {"ema_decay": 0.999, "patience": 10, "lr_patience": 4, "learning_rate": 3e-3, "batch_size": 1024},
         "nsf": {},

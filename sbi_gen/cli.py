@@ -478,7 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", help="HDF5 training set from `sbi-gen simulate`")
     p.add_argument("--method", choices=["npe", "nle"], default="npe")
     p.add_argument("--estimator", default=None, help="estimator name: auto (default for npe: nsf and maf raced for 3 epochs, the one with the lower "
-                   "validation loss trained in full), nsf, maf (default for nle), cnf, vae, diffusion")
+                   "validation loss trained in full; maps train nsf, not raced), nsf, maf (default for nle), cnf, vae, diffusion")
     p.add_argument("--estimator-kwargs", default=None, help="estimator hyperparameters as a JSON object")
     p.add_argument("--embedding", default=None, help="embedding of x for NPE: identity (default for vectors), mlp, resmlp, cnn (default for maps)")
     p.add_argument("--out", required=True, help="output model directory")
