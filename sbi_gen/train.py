@@ -49,7 +49,6 @@ from sbi_gen.distributed import (
     shard,
     wrap_for_training,
 )
-from sbi_gen.heap import heap_kept
 from sbi_gen.store import load, read_info, train_val_split
 from sbi_gen.streaming import ChunkStream, chunk_layout, read_blocks, valid_counts
 
@@ -405,8 +404,7 @@ def fit(
     if standardize and hasattr(estimator, "set_standardization") and process_info().rank == 0:
         estimator.set_standardization(*batches.standardization())
     broadcast_module(estimator)  # same weights and statistics everywhere
-    with heap_kept():  # maps: the activations' memory is reused, not faulted in every step
-        return _train(estimator, batches, config, device)
+    return _train(estimator, batches, config, device)
 
 
 def _train(estimator: nn.Module, batches: _Batches, config: TrainConfig, device: torch.device) -> History:

@@ -167,27 +167,3 @@ def test_min_delta_counts_only_large_enough_falls_as_progress():
         assert (rates[-1] < rates[0]) == halved
     with pytest.raises(ValueError, match="min_delta"):
         TrainConfig(min_delta=-1.0)
-
-
-def test_heap_kept_reuses_freed_memory_instead_of_faulting_it_back_in():
-    """A 64 MiB block freed and allocated again: by default glibc maps it afresh each time (16,384
-    pages faulted in and zeroed by the kernel); inside heap_kept the second one reuses the heap."""
-    import resource
-
-    from sbi_gen.heap import _glibc, heap_kept
-
-    if _glibc() is None:
-        pytest.skip("not glibc: heap_kept does nothing")
-    pages = (64 << 20) // resource.getpagesize()
-
-    def faults_of_second_allocation() -> int:
-        torch.ones(16 << 20)  # allocated, touched, freed
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        torch.ones(16 << 20)
-        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-
-    if faults_of_second_allocation() < pages // 2:
-        pytest.skip("the kernel maps huge pages here: few faults to save")
-    with heap_kept():
-        assert faults_of_second_allocation() < pages // 10
-    assert faults_of_second_allocation() > pages // 2  # above 32 MiB, mapped again once left
