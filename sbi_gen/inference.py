@@ -520,9 +520,11 @@ class NLE(_Method):
     method = "nle"
     # A masked autoregressive (affine) flow by default: many likelihoods are close to Gaussian
     # in x given θ, which affine transforms fit exactly, and MCMC evaluates it thousands of
-    # times. 10,000 simulations, 4 observations × 2 training seeds, default sampler: C2ST
-    # gaussian_linear maf 0.514 / 0.522 vs nsf 0.535 / 0.545 (sbi's NLE 0.526), two_moons maf
-    # 0.531 / 0.536 vs nsf 0.523 / 0.519 (sbi's 0.601); maf trains 2–4× and samples 2–4× faster.
+    # times. 10,000 simulations, 4 observations × 2 training seeds, default sampler, both
+    # families with plain TrainConfig: C2ST gaussian_linear maf 0.514 / 0.522 vs nsf 0.535 /
+    # 0.545 (sbi's NLE 0.526), two_moons maf 0.531 / 0.536 vs nsf 0.523 / 0.519 (sbi's 0.601);
+    # maf trains 2–4× and samples 2–4× faster. With its own training defaults (the NSF's) the
+    # maf reached 0.515 on two_moons (4 seeds; see ``posterior``).
     default_estimator = "maf"
     _file_roles = ("x", "theta")
 
@@ -569,12 +571,15 @@ class NLE(_Method):
         (slice and HMC adapt their frame over it); ``thin=None`` lets ``imh`` keep every
         :math:`\lceil 1/a \rceil`-th step (2 to 20) for a warm-up acceptance :math:`a`, so that
         a chain moves about once between kept draws, and keeps every step otherwise. Measured
-        with ``benchmarks/compare_sbi.py`` (maf likelihood, 10,000 simulations, 4 replicate
-        seeds × 4 observations, 10,000 draws each, one thread): C2ST 0.529 ± 0.008 / 0.741 ±
-        0.029 / 0.518 ± 0.003 in 0.91 / 1.11 / 1.05 s per observation on two_moons / slcp /
-        gaussian_linear, against 0.597 ± 0.007 / 0.731 ± 0.030 / 0.523 ± 0.004 in 15.4 / 36.8 /
-        76 s for sbi's default NLE (paired differences −0.068 ± 0.012, +0.010 ± 0.012,
-        −0.005 ± 0.004; one earlier seed on slcp with sbibm's 10,000-draw C2ST: 0.796 against 0.800).
+        with ``benchmarks/compare_sbi.py`` (maf likelihood with its training defaults, 10,000
+        simulations, 4 replicate seeds × 4 observations, 10,000 draws each, one thread): C2ST
+        0.515 ± 0.005 / 0.726 ± 0.027 / 0.518 ± 0.001 in 1.02 / 1.13 / 1.06 s per observation on
+        two_moons / slcp / gaussian_linear, against 0.597 ± 0.007 / 0.731 ± 0.030 / 0.523 ± 0.004
+        in 15.4 / 36.8 / 76 s for sbi's default NLE on the same simulations and observations
+        (one earlier seed on slcp with sbibm's 10,000-draw C2ST: 0.796 against 0.800). Trained
+        with plain :class:`~sbi_gen.train.TrainConfig` instead, the MAF gave 0.529 / 0.741 /
+        0.518 (paired differences of the defaults −0.014 ± 0.008, −0.015 ± 0.009, 0.000 ±
+        0.003) and trained in 37.9 / 26.3 / 6.6 s against 37.1 / 25.4 / 2.8 s.
         On slcp (four sign-degenerate modes, each much narrower than their spread) the mixture
         part raised the acceptance from 0.10–0.27 to 0.27–0.44 and, on one trained likelihood,
         gave the slice sampler's answer (C2ST 0.915 vs 0.917 at the hardest observation) 13
