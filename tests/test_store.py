@@ -48,6 +48,20 @@ def _assert_same(a, b):
         assert np.array_equal(da[key], db[key], equal_nan=True), key
 
 
+def _flaky(prior, stop_at: int):
+    """A simulator that raises KeyboardInterrupt (Ctrl-C in the middle of a run) at call
+    ``stop_at``; ``calls["n"] = 0`` rearms it."""
+    calls = {"n": 0}
+
+    def flaky(theta, rng):
+        calls["n"] += 1
+        if calls["n"] == stop_at:
+            raise KeyboardInterrupt
+        return theta + rng.normal(size=theta.shape)
+
+    return as_simulator(flaky, prior, name="flaky", observable_shape=(2,)), calls
+
+
 def test_identical_across_worker_counts_and_equal_to_memory(tmp_path):
     one = simulate_to_hdf5(TOY, 5000, tmp_path / "w1.h5", seed=11, chunk_size=300, workers=1, progress=False)
     simulate_to_hdf5(TOY, 5000, tmp_path / "w2.h5", seed=11, chunk_size=300, workers=2, progress=False)
@@ -155,16 +169,7 @@ def test_rerun_is_a_no_op_and_mismatches_are_refused(tmp_path):
 
 def test_unfinished_run_is_not_mistaken_for_complete_and_resumes(tmp_path):
     path = tmp_path / "a.h5"
-
-    calls = {"n": 0}
-
-    def flaky(theta, rng):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt  # stands for Ctrl-C in the middle of a run
-        return theta + rng.normal(size=theta.shape)
-
-    sim = as_simulator(flaky, PRIOR, name="flaky", observable_shape=(2,))
+    sim, calls = _flaky(PRIOR, stop_at=4)
     with pytest.raises(KeyboardInterrupt):
         simulate_to_hdf5(sim, 1000, path, seed=5, chunk_size=100, progress=False)
     assert not path.exists()
@@ -190,15 +195,7 @@ def test_a_run_recorded_with_long_float32_decimals_resumes(tmp_path):
     # 0.10000000149011612 for a float32 bound of 0.1: the same prior, so the run resumes.
     path = tmp_path / "a.h5"
     prior = BoxUniform([0.1, 0.6], [0.5, 1.0])
-    calls = {"n": 0}
-
-    def flaky(theta, rng):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return theta + rng.normal(size=theta.shape)
-
-    sim = as_simulator(flaky, prior, name="flaky", observable_shape=(2,))
+    sim, _ = _flaky(prior, stop_at=3)
     with pytest.raises(KeyboardInterrupt):
         simulate_to_hdf5(sim, 500, path, seed=5, chunk_size=100, progress=False)
     manifest = path.with_name(path.name + ".partial") / "run.json"
@@ -211,7 +208,7 @@ def test_a_run_recorded_with_long_float32_decimals_resumes(tmp_path):
     summary = simulate_to_hdf5(sim, 500, path, seed=5, chunk_size=100, progress=False)
     assert summary.chunks_resumed == 2
     # A prior that really differs is still refused.
-    other = as_simulator(flaky, BoxUniform([0.1, 0.6], [0.5, 1.1]), name="flaky", observable_shape=(2,))
+    other, _ = _flaky(BoxUniform([0.1, 0.6], [0.5, 1.1]), stop_at=0)
     with pytest.raises(StoreError, match="prior"):
         simulate_to_hdf5(other, 500, path, seed=5, chunk_size=100, progress=False)
 
@@ -351,15 +348,7 @@ def test_kill_minus_9_at_random_points_then_resume_equals_uninterrupted(tmp_path
 
 def _interrupted_in_place_run(tmp_path, name, stop_at):
     """An uncompressed run stopped by Ctrl-C during chunk ``stop_at`` (1-based)."""
-    calls = {"n": 0}
-
-    def flaky(theta, rng):
-        calls["n"] += 1
-        if calls["n"] == stop_at:
-            raise KeyboardInterrupt
-        return theta + rng.normal(size=theta.shape)
-
-    sim = as_simulator(flaky, PRIOR, name="flaky", observable_shape=(2,))
+    sim, _ = _flaky(PRIOR, stop_at)
     with pytest.raises(KeyboardInterrupt):
         simulate_to_hdf5(sim, 1000, tmp_path / name, seed=5, chunk_size=100, compression=None, progress=False)
     clean = as_simulator(lambda theta, rng: theta + rng.normal(size=theta.shape), PRIOR, name="flaky", observable_shape=(2,))
@@ -430,15 +419,7 @@ def test_in_place_run_refuses_chunks_that_change_shape(tmp_path):
 
 
 def test_damaged_chunk_files_of_a_compressed_run_are_simulated_again(tmp_path):
-    calls = {"n": 0}
-
-    def flaky(theta, rng):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt
-        return theta + rng.normal(size=theta.shape)
-
-    sim = as_simulator(flaky, PRIOR, name="flaky", observable_shape=(2,))
+    sim, _ = _flaky(PRIOR, stop_at=5)
     with pytest.raises(KeyboardInterrupt):
         simulate_to_hdf5(sim, 1000, tmp_path / "a.h5", seed=5, chunk_size=100, progress=False)
     first, second, *_ = sorted((tmp_path / "a.h5.partial").glob("chunk-*.bin"))
