@@ -520,11 +520,11 @@ class NLE(_Method):
     method = "nle"
     # A masked autoregressive (affine) flow by default: many likelihoods are close to Gaussian
     # in x given θ, which affine transforms fit exactly, and MCMC evaluates it thousands of
-    # times. 10,000 simulations, 4 observations × 2 training seeds, default sampler, both
-    # families with plain TrainConfig: C2ST gaussian_linear maf 0.514 / 0.522 vs nsf 0.535 /
-    # 0.545 (sbi's NLE 0.526), two_moons maf 0.531 / 0.536 vs nsf 0.523 / 0.519 (sbi's 0.601);
-    # maf trains 2–4× and samples 2–4× faster. With its own training defaults (the NSF's) the
-    # maf reached 0.515 on two_moons (4 seeds; see ``posterior``).
+    # times. 10,000 simulations, 4 observations × 2 training seeds, default sampler, measured
+    # when the maf still trained with plain TrainConfig: C2ST gaussian_linear maf 0.514 / 0.522
+    # vs nsf 0.535 / 0.545 (sbi's NLE 0.526), two_moons maf 0.531 / 0.536 vs nsf 0.523 / 0.519
+    # (sbi's 0.601); maf trains 2–4× and samples 2–4× faster. With the NSF's training defaults,
+    # now its own, the maf reached 0.515 on two_moons (4 seeds; see ``posterior``).
     default_estimator = "maf"
     _file_roles = ("x", "theta")
 
