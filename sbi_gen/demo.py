@@ -29,6 +29,7 @@ import torch
 import simulators
 from sbi_gen.checkpoint import save
 from sbi_gen.cli import posterior_summary
+from sbi_gen.diagnostics import central_interval_coverage
 from sbi_gen.inference import NPE
 from sbi_gen.parallel import default_workers
 from sbi_gen.plots import corner, save_figure
@@ -100,29 +101,23 @@ def run_demo(
 
 
 def interval_coverage(ranks: np.ndarray, n_samples: int, names: list[str], levels: tuple[float, ...] = (0.68, 0.95)) -> str:
-    """How often the central intervals held the true parameter, from SBC ranks.
-
-    The truth of a held-out simulation is inside the central ``level`` interval of its posterior
-    draws when its rank (draws below it) falls between the ``(1 ± level) / 2`` quantiles. For a
-    calibrated posterior that happens with probability ``level``; the ± is the binomial standard
-    error of the share over ``N`` simulations.
+    """A table of how often the central intervals held the true parameter, from SBC ranks
+    (:func:`sbi_gen.diagnostics.central_interval_coverage`), with the binomial standard error of
+    a calibrated posterior's share over the ``N`` simulations.
 
     Example:
         >>> print(interval_coverage(np.array([[10], [50], [90]]), 100, ["a"]))  # doctest: +NORMALIZE_WHITESPACE
         parameter      68% interval holds the truth   95% interval holds the truth
         a                    33% (expect 68% ± 27%)        100% (expect 95% ± 13%)
     """
-    ranks = np.asarray(ranks, dtype=float)
-    quantile = (ranks + 0.5) / (n_samples + 1)  # mid-rank: no bias towards either tail
+    shares = central_interval_coverage(ranks, n_samples, levels)
     n = len(ranks)
-    header = f"{'parameter':<12}" + "".join(f"{f'{level:.0%} interval holds the truth':>31}" for level in levels)
-    lines = [header]
+    lines = [f"{'parameter':<12}" + "".join(f"{f'{level:.0%} interval holds the truth':>31}" for level in levels)]
     for j, name in enumerate(names):
-        cells = []
-        for level in levels:
-            share = np.mean(np.abs(quantile[:, j] - 0.5) <= level / 2)
-            error = np.sqrt(level * (1 - level) / n)
-            cells.append(f"{f'{share:.0%} (expect {level:.0%} ± {error:.0%})':>31}")
+        cells = [
+            f"{f'{shares[i, j]:.0%} (expect {level:.0%} ± {np.sqrt(level * (1 - level) / n):.0%})':>31}"
+            for i, level in enumerate(levels)
+        ]
         lines.append(f"{name:<12}" + "".join(cells))
     return "\n".join(lines)
 

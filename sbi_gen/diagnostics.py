@@ -67,6 +67,7 @@ __all__ = [
     "as_batched_posterior",
     "binomial_band",
     "c2st_scores",
+    "central_interval_coverage",
     "expected_coverage",
     "gaussian_posterior",
     "posterior_draws",
@@ -423,6 +424,25 @@ class SBCResult:
         out["ks_p_values"] = self.ks_p_values.tolist()
         out.update(passed=self.passed, verdict=self.verdict)
         return out
+
+
+def central_interval_coverage(ranks: Any, n_samples: int, levels: Sequence[float] = (0.68, 0.95)) -> np.ndarray:
+    """Share of held-out truths inside the central ``level`` interval of their posterior draws.
+
+    From SBC ranks (draws below the truth, in ``{0..n_samples}``): the truth is inside when its
+    mid-rank quantile ``(r + 0.5) / (n_samples + 1)`` lies within ``level / 2`` of 0.5. For a
+    calibrated posterior each share is ``level`` up to the binomial error
+    ``sqrt(level (1 - level) / N)``.
+
+    Returns:
+        ``(len(levels), D)`` shares.
+
+    Example:
+        >>> central_interval_coverage(np.array([[10], [50], [90]]), 100).round(2).tolist()
+        [[0.33], [1.0]]
+    """
+    quantile = (np.asarray(ranks, dtype=float) + 0.5) / (n_samples + 1)
+    return np.stack([np.mean(np.abs(quantile - 0.5) <= level / 2, axis=0) for level in levels])
 
 
 def _chi2_uniform_ranks(ranks: np.ndarray, n_samples: int, n_bins: int) -> np.ndarray:

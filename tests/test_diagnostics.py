@@ -90,6 +90,26 @@ def test_sbc_coverage_and_tarp_verdicts(pairs, case):
         assert results["tarp"].area > 0
 
 
+@pytest.mark.parametrize("case", ["exact", "over-confident", "under-confident"])
+def test_central_intervals_hold_the_truth_as_often_as_their_level_only_when_calibrated(pairs, case):
+    # The truth is N(mean, SD²) given x; a posterior of width s · SD puts its central interval of
+    # level a at mean ± z s SD, z = Φ⁻¹((1 + a) / 2), which holds the truth with probability
+    # 2 Φ(z s) - 1: a itself for s = 1, 0.381 and 0.673 for s = 1/2, 0.953 and 1.000 for s = 2.
+    # N = 1000 pairs: the binomial standard error of a share is at most 0.016.
+    from scipy.stats import norm
+
+    from sbi_gen.diagnostics import central_interval_coverage
+
+    theta, x = pairs
+    levels = np.array([0.68, 0.95])
+    shares = central_interval_coverage(sbc(posterior(case), theta, x, n_samples=L, seed=1).ranks, L, levels)
+    assert shares.shape == (2, D)
+    scale = {"exact": 1.0, "over-confident": 0.5, "under-confident": 2.0}[case]
+    expected = 2 * norm.cdf(norm.ppf((1 + levels) / 2) * scale) - 1
+    for probability, share in zip(expected, shares, strict=True):
+        np.testing.assert_allclose(share, probability, atol=4 * math.sqrt(probability * (1 - probability) / N) + 1.0 / L)
+
+
 def test_sbc_ranks_are_counts_of_draws_below_the_truth():
     theta = torch.tensor([[0.0, 10.0], [-10.0, 0.5]])
     x = torch.zeros(2, 2)
