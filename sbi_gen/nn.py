@@ -175,13 +175,15 @@ class Flatten(nn.Module):
 
 
 # On the CPU the CNN convolves a batch in passes whose largest activation is at most this many
-# bytes. glibc's malloc gives every block above 32 MiB its own mapping and unmaps it when freed,
-# so a whole batch of 512 maps of 32 × 32 through 64 channels (128 MiB a layer) was faulted in
-# and zeroed by the kernel at every step: two epochs of NPE on 1,600 cosmology maps, one thread,
-# took 52.5 s (31.5 s of it in the kernel, peak memory 3.0 GB) in one pass and 33.3 s (12.6 s,
-# 2.3 GB) in passes of 64 maps; the losses agree to 4 decimals. (Keeping freed blocks in the heap
-# with mallopt was as fast but doubled the peak memory.)
-CPU_ACTIVATION_BYTES = 16 << 20
+# bytes. glibc's malloc gives every block above its mmap threshold (32 MiB at most) its own
+# mapping and unmaps it when freed, so a whole batch of 512 maps of 32 × 32 through 64 channels
+# (128 MiB a layer) was faulted in and zeroed by the kernel at every step. Two epochs of NPE on
+# 1,600 cosmology maps, one thread: 52.5 s in one pass (31.5 s of it in the kernel, peak memory
+# 3.0 GB); in passes of at most 16 MiB 29–34 s (9–13 s, 2.3 GB), 8 MiB 28–30 s, 4 MiB 21–22 s
+# (2–3 s, 2.4–2.7 GB), 2 MiB 22 s, 1 MiB 24 s (smaller convolutions run slower); the losses
+# agree to 4 decimals. (Keeping freed blocks in the heap with mallopt was as fast as 16 MiB
+# passes but doubled the peak memory.)
+CPU_ACTIVATION_BYTES = 4 << 20
 
 
 class CNN(nn.Module):
