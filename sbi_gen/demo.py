@@ -64,6 +64,7 @@ def run_demo(
     print(summary)
 
     print("\n== 2. train neural posterior estimation (neural spline flow)")
+    torch.manual_seed(seed)  # the initial weights: the same model on every run
     npe = NPE(simulator.prior, "nsf")
     # The estimator's training defaults, as npe.fit(path) uses without a config.
     history = npe.fit(out / "particle.h5", config=npe.train_config(seed=seed, max_epochs=max_epochs))
