@@ -179,7 +179,7 @@ class Flatten(nn.Module):
 # mapping and unmaps it when freed, so a whole batch of 512 maps of 32 × 32 through 64 channels
 # (128 MiB a layer) was faulted in and zeroed by the kernel at every step. Two epochs of NPE on
 # 1,600 cosmology maps, one thread: 52.5 s in one pass (31.5 s of it in the kernel, peak memory
-# 3.0 GB); in passes of at most 16 MiB 29–34 s (9–13 s, 2.3 GB), 8 MiB 28–30 s, 4 MiB 21–22 s
+# 3.0 GB); in passes of at most 16 MiB 29–34 s (9–13 s, 2.3 GB), 8 MiB 28–30 s, 4 MiB 21–25 s
 # (2–3 s, 2.4–2.7 GB), 2 MiB 22 s, 1 MiB 24 s (smaller convolutions run slower); the losses
 # agree to 4 decimals. (Keeping freed blocks in the heap with mallopt was as fast as 16 MiB
 # passes but doubled the peak memory.)
