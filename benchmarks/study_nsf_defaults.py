@@ -133,9 +133,10 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
         "nsf": {"bins": 16},
         "unbounded": True,
     },
-    # The affine flow alone, as NPE's race trains it (its own defaults: plain TrainConfig, θ
-    # as it is) and with narrower, fewer or regularized conditioners: gaussian_linear's
-    # posterior is Gaussian, so what limits the MAF there is how much it overfits.
+    # The affine flow alone under plain TrainConfig (θ as it is), alone and with narrower, fewer
+    # or regularized conditioners or a weight average: gaussian_linear's posterior is Gaussian,
+    # so what limits the MAF there is how much it overfits. ``maf_b512_lr2e3`` is the NSF's
+    # training defaults, which the MAF now has too.
     "maf_unbounded": {"estimator": "maf", "train": {}, "nsf": {}, "unbounded": True},
     "maf_unbounded_h64": {"estimator": "maf", "train": {}, "nsf": {"hidden_features": [64, 64]}, "unbounded": True},
     "maf_unbounded_t3": {"estimator": "maf", "train": {}, "nsf": {"transforms": 3}, "unbounded": True},

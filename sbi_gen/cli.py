@@ -151,7 +151,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
     if main:
         save(model, args.out)
         if args.estimator == AUTO and model.metadata.get("estimator_unraced"):
-            print(f"kept {model.estimator_name} without a race ({model.metadata['estimator_unraced']} CNN)")
+            print(f"kept {model.estimator_name} without a race ({model.metadata['estimator_unraced']})")
         elif args.estimator == AUTO:
             losses = ", ".join(f"{name} {'diverged' if loss is None else f'{loss:.4f}'}"
                                for name, loss in model.metadata["estimator_selection"].items())

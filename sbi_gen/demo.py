@@ -13,7 +13,7 @@ Runs on the embedded defaults in a few minutes on a 2-core laptop::
 4. checks calibration on fresh simulations (``--n-check``, default 200; 0 skips it): SBC,
    expected coverage, TARP and a posterior predictive check (:func:`sbi_gen.report.diagnose`,
    figures and ``report.json`` in ``data/demo/report``), and how often the central 68% and
-   95% intervals held the true parameters. One observation's truth falls outside its 68%
+   95% intervals held the true parameters. A true value falls outside its 68%
    interval a third of the time; this is what says whether that happens more often.
 """
 

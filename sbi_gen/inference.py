@@ -223,14 +223,11 @@ class _Method(abc.ABC):
         y_key, c_key = self._file_roles
         embedding = self.embedding if self.embedding is not None else default_embedding(x_shape)
         if embedding in AUTO_UNRACED_EMBEDDINGS:
-            self.estimator_name, self.x_shape = AUTO_FAMILY_UNRACED, x_shape
-            self.estimator = self._build(self.prior.dim, x_shape, AUTO_FAMILY_UNRACED)
-            self.history = fit(self.estimator, training_data, config=config, y_key=y_key, c_key=c_key)
+            self._train_family(AUTO_FAMILY_UNRACED, training_data, x_shape, config)
             self.metadata.update(
                 estimator_selection={}, estimator_race_epochs=0, estimator_race_seconds=0.0,
-                estimator_unraced=f"{embedding} embedding: each family would train its own",
+                estimator_unraced=f"{embedding} embedding: each family would train its own {embedding.upper()}",
             )
-            self.estimator.to(self.device)
             return self.history
         race_epochs = _race_epochs(n_rows, config)
         # A race as long as the whole training is the whole training: its winner is kept as it is.
@@ -258,12 +255,11 @@ class _Method(abc.ABC):
         race_seconds = time.perf_counter() - race_started
         if whole:
             self.history, self.estimator = fitted[best]
+            self.estimator_name, self.x_shape = best, x_shape
         else:
             del fitted  # the race's models are dropped before the winner's full training
             torch.random.set_rng_state(initial_rng)
-            self.estimator = self._build(self.prior.dim, x_shape, best)
-            self.history = fit(self.estimator, training_data, config=config, y_key=y_key, c_key=c_key)
-        self.estimator_name, self.x_shape = best, x_shape
+            self._train_family(best, training_data, x_shape, config)
         # Validation losses by family, in AUTO_FAMILIES order; None for a family that diverged
         # (strict JSON in the checkpoint's config, which has no infinity).
         self.metadata["estimator_selection"] = {
@@ -274,6 +270,15 @@ class _Method(abc.ABC):
         self.metadata.pop("estimator_unraced", None)
         self.estimator.to(self.device)
         return self.history
+
+    def _train_family(self, name: str, training_data: Any, x_shape: tuple[int, ...], config: TrainConfig) -> None:
+        """A fresh estimator of family ``name`` trained in full: what ``"auto"`` keeps."""
+        assert self.prior is not None
+        y_key, c_key = self._file_roles
+        self.estimator_name, self.x_shape = name, x_shape
+        self.estimator = self._build(self.prior.dim, x_shape, name)
+        self.history = fit(self.estimator, training_data, config=config, y_key=y_key, c_key=c_key)
+        self.estimator.to(self.device)
 
     def train_config(self, **overrides: Any) -> TrainConfig:
         """The estimator family's recommended :class:`~sbi_gen.train.TrainConfig` on this model's
