@@ -116,7 +116,7 @@ def _cmd_info(args: argparse.Namespace) -> None:
     print(f"written by      sbi_gen {info['package_version']}")
 
 
-def _cmd_train(args: argparse.Namespace) -> None:
+def _cmd_train(args: argparse.Namespace) -> int:
     from sbi_gen import distributed
     from sbi_gen.checkpoint import save
     from sbi_gen.estimators import ESTIMATORS
@@ -146,7 +146,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
     world = distributed.process_info().world_size
     if main:
         print(f"training {args.method.upper()} ({args.estimator}) on {info['n_valid']:,} valid simulations of "
-              f"{info['simulator']}" + (f" with {world} processes" if world > 1 else ""))
+              f"{info['simulator']}" + (f" with {world} processes" if world > 1 else ""), flush=True)
     history = model.fit(args.data, config=config)
     if main:
         save(model, args.out)
@@ -162,6 +162,16 @@ def _cmd_train(args: argparse.Namespace) -> None:
         print(f"model saved to {args.out}")
     # Only after success: a failed process just exits, and torchrun stops the others.
     distributed.shutdown()
+    return _interrupted_training(history, "model")
+
+
+def _interrupted_training(history: Any, what: str) -> int:
+    """0, or 130 (as for Ctrl-C) after saying that an interrupted training's best weights were saved."""
+    if not history.interrupted:
+        return 0
+    print(f"sbi-gen: interrupted; the {what} saved holds the best weights of the {len(history.val_loss)} epochs "
+          f"trained (epoch {history.best_epoch + 1})", file=sys.stderr)
+    return 130
 
 
 def _read_observation(path: str, index: int) -> Any:
@@ -276,7 +286,7 @@ def _cmd_plot(args: argparse.Namespace) -> None:
     print(f"corner plot written to {save_figure(fig, args.out)}")
 
 
-def _cmd_train_emulator(args: argparse.Namespace) -> None:
+def _cmd_train_emulator(args: argparse.Namespace) -> int:
     from sbi_gen.checkpoint import save_emulator
     from sbi_gen.emulator import FAMILIES, train_emulator
     from sbi_gen.store import read_info
@@ -304,6 +314,7 @@ def _cmd_train_emulator(args: argparse.Namespace) -> None:
     print(f"best validation loss {history.best_val_loss:.4f} at epoch {history.best_epoch + 1} "
           f"of {len(history.val_loss)} ({history.seconds:.1f} s)")
     print(f"emulator saved to {args.out}")
+    return _interrupted_training(history, "emulator")
 
 
 def _cmd_emulate(args: argparse.Namespace) -> None:
@@ -554,17 +565,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``sbi-gen``; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    func: Callable[[argparse.Namespace], None] = args.func
+    func: Callable[[argparse.Namespace], int | None] = args.func
     try:
-        func(args)
+        status = func(args)
     except KeyboardInterrupt:
-        print("sbi-gen: interrupted; finished chunks are kept, rerun the same command to resume", file=sys.stderr)
+        kept = {
+            "simulate": "finished chunks are kept, rerun the same command to resume",
+            "train": "no model was saved (none is kept before the first epoch ends)",
+            "train-emulator": "no emulator was saved (none is kept before the first epoch ends)",
+        }.get(args.command)
+        print(f"sbi-gen: interrupted{f'; {kept}' if kept else ''}", file=sys.stderr)
         return 130
     except (CLIError, ValueError, KeyError, OSError, RuntimeError) as error:
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         print(f"sbi-gen: error: {message}", file=sys.stderr)
         return 2
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

@@ -201,13 +201,19 @@ class _Method(abc.ABC):
         # A given config decides the device (``"auto"`` included); without one, the model's device.
         config = config or self.train_config()
         self.device = resolve_device(config.device)
-        if self.auto:
-            return self._fit_auto(training_data, x_shape, n_rows, config)
-        if self.estimator is None or self.x_shape != x_shape:
-            self.x_shape = x_shape
-            self.estimator = self._build(self.prior.dim, x_shape)
-        y_key, c_key = self._file_roles
-        self.history = fit(self.estimator, training_data, config=config, y_key=y_key, c_key=c_key)
+        try:
+            if self.auto:
+                return self._fit_auto(training_data, x_shape, n_rows, config)
+            if self.estimator is None or self.x_shape != x_shape:
+                self.x_shape = x_shape
+                self.estimator = self._build(self.prior.dim, x_shape)
+            y_key, c_key = self._file_roles
+            self.history = fit(self.estimator, training_data, config=config, y_key=y_key, c_key=c_key)
+        except BaseException:
+            # A failed or interrupted training leaves no half-trained estimator to sample from
+            # (Ctrl-C after a validated epoch is not a failure: fit returns the best weights).
+            self.estimator, self.x_shape, self.history = None, None, None
+            raise
         self.estimator.to(self.device)
         return self.history
 
@@ -218,7 +224,9 @@ class _Method(abc.ABC):
         ``metadata["estimator_race_epochs"]`` and its training time in
         ``metadata["estimator_race_seconds"]`` (the returned history is the winner's full training).
         A family whose training diverges (``FloatingPointError``) loses the race with a warning
-        (its loss recorded as ``None``); if every family diverges, the first one's error is raised."""
+        (its loss recorded as ``None``); if every family diverges, the first one's error is raised.
+        Ctrl-C during the race ends it: the best family raced so far is kept as the race trained
+        it (``history.interrupted``; families not raced are absent from the selection)."""
         assert self.prior is not None
         y_key, c_key = self._file_roles
         embedding = self.embedding if self.embedding is not None else default_embedding(x_shape)
@@ -238,32 +246,49 @@ class _Method(abc.ABC):
         # would have trained.
         initial_rng = torch.random.get_rng_state()
         fitted, diverged = {}, {}
+        interrupted = False
         race_started = time.perf_counter()
         for name in AUTO_FAMILIES:
             torch.random.set_rng_state(initial_rng)
             estimator = self._build(self.prior.dim, x_shape, name)
             try:
-                fitted[name] = (fit(estimator, training_data, config=race_config, y_key=y_key, c_key=c_key), estimator)
+                history = fit(estimator, training_data, config=race_config, y_key=y_key, c_key=c_key)
             except FloatingPointError as error:  # a diverging family loses the race; the others may not diverge
                 diverged[name] = error
                 warnings.warn(f"estimator race: {name} diverged and is not kept ({error})", stacklevel=3)
+                continue
+            except KeyboardInterrupt:  # before this family's first epoch: the ones raced stand
+                if not fitted:
+                    raise
+                interrupted = True
+                warnings.warn(f"training interrupted before {name}'s first epoch: the race ends with "
+                              f"{', '.join(fitted)} as raced", stacklevel=3)
+                break
+            fitted[name] = (history, estimator)
+            if history.interrupted:
+                interrupted = True
+                break
         if not fitted:
             raise next(iter(diverged.values()))
         # A family whose validation loss is not finite is never kept over one that is.
         best = min(fitted, key=lambda name: _finite_or_inf(fitted[name][0].best_val_loss))
         race = {name: history.best_val_loss for name, (history, _) in fitted.items()}
         race_seconds = time.perf_counter() - race_started
-        if whole:
+        if whole or interrupted:
             self.history, self.estimator = fitted[best]
             self.estimator_name, self.x_shape = best, x_shape
+            self.history.interrupted = self.history.interrupted or interrupted
         else:
             del fitted  # the race's models are dropped before the winner's full training
             torch.random.set_rng_state(initial_rng)
             self._train_family(best, training_data, x_shape, config)
         # Validation losses by family, in AUTO_FAMILIES order; None for a family that diverged
-        # (strict JSON in the checkpoint's config, which has no infinity).
+        # (strict JSON in the checkpoint's config, which has no infinity); families a Ctrl-C
+        # kept from the race are left out.
         self.metadata["estimator_selection"] = {
-            name: float(race[name]) if name in race and math.isfinite(race[name]) else None for name in AUTO_FAMILIES
+            name: float(race[name]) if name in race and math.isfinite(race[name]) else None
+            for name in AUTO_FAMILIES
+            if name in race or name in diverged
         }
         self.metadata["estimator_race_epochs"] = min(race_epochs, config.max_epochs)
         self.metadata["estimator_race_seconds"] = race_seconds

@@ -31,6 +31,7 @@ import copy
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -160,7 +161,12 @@ class TrainConfig:
 
 @dataclass
 class History:
-    """What happened during :func:`fit`: per-epoch losses and learning rates, and the outcome."""
+    """What happened during :func:`fit`: per-epoch losses and learning rates, and the outcome.
+
+    ``stopped_early``: the validation loss stopped falling (or the learning rate its floor) before
+    ``max_epochs``. ``interrupted``: Ctrl-C (``KeyboardInterrupt``) ended training; the weights
+    are still the best validated ones.
+    """
 
     train_loss: list[float] = field(default_factory=list)
     val_loss: list[float] = field(default_factory=list)
@@ -168,6 +174,7 @@ class History:
     best_epoch: int = -1
     best_val_loss: float = math.inf
     stopped_early: bool = False
+    interrupted: bool = False
     seconds: float = 0.0
     n_train: int = 0
     n_val: int = 0
@@ -388,6 +395,10 @@ def fit(
     Rows with non-finite values (and rows of a file flagged invalid) are dropped; the best
     weights (lowest validation loss) are loaded back into ``estimator`` at the end.
 
+    Ctrl-C (``KeyboardInterrupt``) after the first validated epoch stops training as an early
+    stop would: the best weights so far are loaded, a warning says so and the history has
+    ``interrupted=True``. Before that, or under ``torchrun``, the interrupt propagates.
+
     Under ``torchrun`` this joins the process group (and leaves it initialized), trains
     data-parallel with gradients averaged across processes and returns the same weights and
     history on every process; write files from rank 0 only
@@ -460,8 +471,9 @@ def _train(estimator: nn.Module, batches: _Batches, config: TrainConfig, device:
             history.val_loss.append(val_loss)
             history.learning_rate.append(optimizer.param_groups[0]["lr"])
             if val_loss < history.best_val_loss:
-                history.best_val_loss, history.best_epoch = val_loss, epoch
+                # The copy first: an interrupt between the two lines keeps a consistent record.
                 best_state = copy.deepcopy(estimator.state_dict())
+                history.best_val_loss, history.best_epoch = val_loss, epoch
             if val_loss < progress_mark - config.min_delta:
                 progress_mark = val_loss
                 epochs_since_best = 0
@@ -478,6 +490,18 @@ def _train(estimator: nn.Module, batches: _Batches, config: TrainConfig, device:
             ):
                 history.stopped_early = True
                 break
+    except KeyboardInterrupt:
+        # Ctrl-C ends training like an early stop: the best weights so far are the result. Before
+        # the first validated epoch there is nothing to keep; under torchrun the processes may
+        # stop at different epochs, so none keeps a model the others do not have.
+        if history.best_epoch < 0 or info.world_size > 1:
+            raise
+        history.interrupted = True
+        warnings.warn(
+            f"training interrupted in epoch {len(history.val_loss) + 1}: kept the best weights so far "
+            f"(epoch {history.best_epoch + 1}, validation loss {history.best_val_loss:.4f})",
+            stacklevel=3,
+        )
     finally:
         if bar is not None:
             bar.close()

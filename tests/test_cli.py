@@ -160,6 +160,69 @@ def test_train_and_sample_end_to_end(tmp_path):
                           "expected a non-negative number, got -0.1")
 
 
+def _read_until(stream, marker: bytes, timeout: float) -> bytes:
+    """Bytes of ``stream`` (a pipe) up to and including the first ``marker``; AssertionError on timeout."""
+    import select
+    import time
+
+    seen, deadline = b"", time.monotonic() + timeout
+    while marker not in seen:
+        left = deadline - time.monotonic()
+        assert left > 0, f"no {marker!r} within {timeout} s: {seen[-500:]!r}"
+        if select.select([stream], [], [], left)[0]:
+            chunk = os.read(stream.fileno(), 4096)
+            assert chunk, f"the process closed its output before {marker!r}: {seen[-500:]!r}"
+            seen += chunk
+    return seen
+
+
+def test_ctrl_c_during_training_saves_the_best_weights_so_far(tmp_path):
+    """A real SIGINT to a real `sbi-gen train` once its progress bar shows a finished epoch: the
+    command saves the best weights so far, says so in one line and exits 130; the model samples.
+    Before any epoch has finished, nothing is saved and the message says so."""
+    from sbi_gen.checkpoint import load_model
+
+    data = tmp_path / "moons.h5"
+    sbi_gen("simulate", "two_moons", "--n", 20_000, "--out", data, "--seed", 0, "--quiet")
+    model = tmp_path / "model"
+    command = [sys.executable, "-m", "sbi_gen.cli", "train", str(data), "--estimator", "nsf", "--out", str(model),
+               "--max-epochs", "100000", "--patience", "100000"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        _read_until(proc.stderr, b"best=", timeout=120)  # the bar's postfix appears after the first epoch
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, stderr.decode()
+    last = stderr.decode().strip().splitlines()[-1]
+    assert last.startswith("sbi-gen: interrupted; the model saved holds the best weights of the"), last
+    assert "Traceback" not in stderr.decode() and b"model saved to" in stdout
+    loaded = load_model(model)
+    assert loaded.history.interrupted and loaded.history.best_val_loss == min(loaded.history.val_loss)
+    assert sbi_gen("sample", model, "--obs", ROOT / "data/observations/two_moons.h5", "--n", 100,
+                   "--out", tmp_path / "samples.h5").returncode == 0
+
+    # Interrupted in the first epoch (batches of 16: 1,125 steps, seconds): nothing saved, exit 130.
+    proc = subprocess.Popen([*command[:-4], "--out", str(tmp_path / "none"), "--batch-size", "16"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        _read_until(proc.stdout, b"training NPE", timeout=120)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130
+    assert stderr.decode().strip().splitlines()[-1] == (
+        "sbi-gen: interrupted; no model was saved (none is kept before the first epoch ends)"
+    )
+    assert not (tmp_path / "none").exists()
+
+
 def test_train_with_and_without_the_bijection(tmp_path):
     data = tmp_path / "moons.h5"
     sbi_gen("simulate", "two_moons", "--n", 500, "--out", data, "--seed", 0, "--quiet")

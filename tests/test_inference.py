@@ -305,3 +305,69 @@ def test_auto_keeps_the_family_with_the_lower_validation_loss(tmp_path):
     for estimator in ("auto", None):
         with pytest.raises(ValueError, match="name it .* instead of 'auto', which races nsf and maf"):
             NPE(prior, estimator, estimator_kwargs={"transforms": 2})
+
+
+@pytest.mark.parametrize(
+    ("family", "at", "kept_from_race", "epochs"),
+    [
+        (0, 12, {"nsf"}, 2),  # in the NSF's race, epoch 3: the race ends, the NSF as raced is kept
+        (1, 3, {"nsf"}, 13),  # before the MAF's first epoch ends: the NSF's whole race stands
+        (2, 12, {"nsf", "maf"}, 2),  # in the winner's full training, epoch 3
+    ],
+)
+def test_ctrl_c_during_auto_keeps_the_best_model_so_far(family, at, kept_from_race, epochs):
+    """Ctrl-C (a KeyboardInterrupt raised inside a training step, by a torch forward hook on the
+    ``family``-th embedding built: the NSF's race, the MAF's race, the winner's full training)
+    stops training with the best weights validated so far; the model samples and says it was
+    interrupted."""
+    from sbi_gen.nn import MLP
+
+    prior = BoxUniform([-2.0], [2.0], names=["theta"])
+    sim = as_simulator(lambda theta, rng: theta**2 + 0.05 * rng.normal(size=theta.shape), prior, name="square")
+    data = simulate(sim, n=2000, seed=0)
+    embeddings: list[int] = []
+    calls = {}
+
+    def ctrl_c(module, inputs, output):
+        if type(module) is MLP:  # 4 training steps and 1 validation pass an epoch
+            if id(module) not in calls:
+                embeddings.append(id(module))
+                calls[id(module)] = 0
+            calls[id(module)] += 1
+            if embeddings.index(id(module)) == family and calls[id(module)] == at:
+                raise KeyboardInterrupt
+
+    torch.manual_seed(0)
+    npe = NPE(prior, embedding="mlp")
+    handle = torch.nn.modules.module.register_module_forward_hook(ctrl_c)
+    try:
+        with pytest.warns(UserWarning, match="interrupted"):
+            history = npe.fit((data["theta"], data["x"]), config=npe.train_config(progress=False, max_epochs=30))
+    finally:
+        handle.remove()
+    assert history.interrupted and npe.history is history and npe.estimator_name == "nsf"
+    assert set(npe.metadata["estimator_selection"]) == kept_from_race
+    assert len(history.val_loss) == epochs and history.best_val_loss == min(history.val_loss)
+    assert npe.posterior(np.array([1.0])).sample((100,)).shape == (100, 1)
+
+
+def test_ctrl_c_before_any_epoch_ends_leaves_no_model():
+    from sbi_gen.nn import MLP
+
+    prior = BoxUniform([-2.0], [2.0], names=["theta"])
+    data = simulate(as_simulator(lambda theta, rng: theta + rng.normal(size=theta.shape), prior, name="shift"), n=500, seed=0)
+
+    def ctrl_c(module, inputs, output):
+        if type(module) is MLP:
+            raise KeyboardInterrupt
+
+    for estimator in ("auto", "maf"):
+        npe = NPE(prior, estimator, embedding="mlp")
+        handle = torch.nn.modules.module.register_module_forward_hook(ctrl_c)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                npe.fit((data["theta"], data["x"]), config=npe.train_config(progress=False, max_epochs=3))
+        finally:
+            handle.remove()
+        with pytest.raises(RuntimeError, match="not trained yet"):
+            npe.posterior(np.array([0.0]))

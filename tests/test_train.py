@@ -167,3 +167,44 @@ def test_min_delta_counts_only_large_enough_falls_as_progress():
         assert (rates[-1] < rates[0]) == halved
     with pytest.raises(ValueError, match="min_delta"):
         TrainConfig(min_delta=-1.0)
+
+
+class _CtrlC:
+    """A forward hook that raises KeyboardInterrupt, as Ctrl-C does, at the ``at``-th call of the
+    module it is registered on (torch's own hook mechanism: the interrupt lands inside a step)."""
+
+    def __init__(self, at: int):
+        self.at, self.calls = at, 0
+
+    def __call__(self, module, inputs, output):
+        self.calls += 1
+        if self.calls == self.at:
+            raise KeyboardInterrupt
+
+
+def test_ctrl_c_after_an_epoch_keeps_the_best_weights_so_far():
+    y, c = _data()
+    est = build_estimator("nsf", 1, (1,), embedding="mlp", **SMALL)
+    # 540 training rows in batches of 64: 9 steps and 1 validation call an epoch; the interrupt
+    # lands in the 4th epoch's 5th step.
+    hook = est.embedding.register_forward_hook(_CtrlC(at=3 * 10 + 5))
+    config = TrainConfig(max_epochs=50, patience=50, progress=False, batch_size=64, ema_decay=0.9)
+    with pytest.warns(UserWarning, match=r"interrupted in epoch 4: kept the best weights so far \(epoch"):
+        history = fit(est, (y, c), config=config)
+    hook.remove()
+    assert history.interrupted and not history.stopped_early
+    assert len(history.val_loss) == 3 and history.best_val_loss == min(history.val_loss)
+    # The weights left are the best validated ones (the weight average), not the half-stepped raw ones.
+    from sbi_gen.store import train_val_split
+
+    _, val = train_val_split(600, 0.1, seed=0)
+    assert _mean_loss(est, y[val], c[val], 1024) == pytest.approx(history.best_val_loss, rel=1e-5)
+    assert not est.training
+
+
+def test_ctrl_c_before_the_first_epoch_ends_propagates():
+    y, c = _data()
+    est = build_estimator("nsf", 1, (1,), embedding="mlp", **SMALL)
+    est.embedding.register_forward_hook(_CtrlC(at=3))
+    with pytest.raises(KeyboardInterrupt):
+        fit(est, (y, c), config=TrainConfig(max_epochs=5, progress=False, batch_size=64))
