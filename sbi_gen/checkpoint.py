@@ -1,9 +1,11 @@
 """Saving and loading fitted NPE / NLE models: weights plus a JSON config, never a pickle.
 
 A checkpoint is a directory with ``config.json`` (method, prior, estimator configuration,
-observation shape, training summary) and ``weights.pt``, a state dict of plain tensors that
-is read with ``torch.load(weights_only=True)``: a file holding anything else (code, arbitrary
-objects) is refused, never executed. Weights saved on a GPU load on the CPU.
+observation shape, training summary, the SHA-256 of the weights file) and ``weights.pt``, a
+state dict of plain tensors that is read with ``torch.load(weights_only=True)``: a file holding
+anything else (code, arbitrary objects) is refused, never executed, and one that is not the file
+the config was saved with (changed, or left by an interrupted save) is refused with that reason.
+Weights saved on a GPU load on the CPU.
 
 Example:
     >>> import tempfile, simulators, sbi_gen
@@ -21,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -54,10 +57,6 @@ def save(model: NPE | NLE, path: str | os.PathLike[str]) -> Path:
         raise CheckpointError("cannot save a model that is not trained yet: call .fit(data) first")
     from sbi_gen import __version__
 
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise CheckpointError(f"cannot save to {path}: it is a file, a checkpoint is a directory")
-    path.mkdir(parents=True, exist_ok=True)
     config = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -73,9 +72,31 @@ def save(model: NPE | NLE, path: str | os.PathLike[str]) -> Path:
         "metadata": model.metadata,
         "history": model.history.to_dict() if model.history is not None else None,
     }
-    state = {k: v.detach().cpu() for k, v in model.estimator.state_dict().items()}
+    return _write_checkpoint(path, config, model.estimator.state_dict())
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_checkpoint(path: str | os.PathLike[str], config: dict[str, Any], state: dict[str, torch.Tensor]) -> Path:
+    """Writes ``weights.pt`` and ``config.json`` (with the weights' SHA-256) into the directory
+    ``path``, each through a temporary file and an atomic rename.
+
+    The two renames are not one atomic step: the hash lets a load tell weights that do not belong
+    to the config (a save killed between them, or an edited file) from a checkpoint.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"cannot save to {path}: it is a file, a checkpoint is a directory")
+    path.mkdir(parents=True, exist_ok=True)
     weights_tmp, config_tmp = path / "weights.pt.tmp", path / "config.json.tmp"
-    torch.save(state, weights_tmp)
+    torch.save({k: v.detach().cpu() for k, v in state.items()}, weights_tmp)
+    config = {**config, "weights_sha256": _sha256(weights_tmp)}
     config_tmp.write_text(json.dumps(config, indent=1, default=float))
     os.replace(weights_tmp, path / "weights.pt")
     os.replace(config_tmp, path / "config.json")
@@ -104,6 +125,12 @@ def _read_checkpoint(path: Path, fmt: str, what: str, device: str) -> tuple[dict
         raise CheckpointError(f"{path} is not an sbi_gen {what} (format is not {fmt!r})")
     if int(config.get("format_version", -1)) > FORMAT_VERSION:
         raise CheckpointError(f"{path} was written by a newer sbi_gen (format {config['format_version']})")
+    # Checkpoints written before the hash was recorded have none to check.
+    if "weights_sha256" in config and _sha256(path / "weights.pt") != config["weights_sha256"]:
+        raise CheckpointError(
+            f"{path / 'weights.pt'} is not the file {path / 'config.json'} was saved with (its SHA-256 differs): "
+            "it was changed, or a save was interrupted; save the model again"
+        )
     device_ = resolve_device(device)
     try:
         state = torch.load(path / "weights.pt", map_location=device_, weights_only=True)
@@ -159,10 +186,6 @@ def save_emulator(emulator: MapEmulator, path: str | os.PathLike[str], history: 
     """
     from sbi_gen import __version__
 
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise CheckpointError(f"cannot save to {path}: it is a file, a checkpoint is a directory")
-    path.mkdir(parents=True, exist_ok=True)
     config = {
         "format": EMULATOR_FORMAT,
         "format_version": FORMAT_VERSION,
@@ -171,13 +194,7 @@ def save_emulator(emulator: MapEmulator, path: str | os.PathLike[str], history: 
         "metadata": emulator.metadata,
         "history": history.to_dict() if history is not None else None,
     }
-    state = {k: v.detach().cpu() for k, v in emulator.state_dict().items()}
-    weights_tmp, config_tmp = path / "weights.pt.tmp", path / "config.json.tmp"
-    torch.save(state, weights_tmp)
-    config_tmp.write_text(json.dumps(config, indent=1, default=float))
-    os.replace(weights_tmp, path / "weights.pt")
-    os.replace(config_tmp, path / "config.json")
-    return path
+    return _write_checkpoint(path, config, emulator.state_dict())
 
 
 def load_emulator(path: str | os.PathLike[str], device: str = "cpu") -> MapEmulator:

@@ -1,3 +1,4 @@
+import hashlib
 import json
 import os
 import pickle
@@ -12,6 +13,13 @@ from sbi_gen.simulate import simulate
 from sbi_gen.train import TrainConfig
 
 SMALL = {"transforms": 1, "hidden_features": [16]}
+
+
+def _rehash(checkpoint) -> None:
+    """Records the current weights file's SHA-256 in the config, as someone editing both files would."""
+    config = json.loads((checkpoint / "config.json").read_text())
+    config["weights_sha256"] = hashlib.sha256((checkpoint / "weights.pt").read_bytes()).hexdigest()
+    (checkpoint / "config.json").write_text(json.dumps(config))
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +55,9 @@ def test_malicious_pickle_is_refused_not_executed(tmp_path, moons):
 
     with open(tmp_path / "m" / "weights.pt", "wb") as f:
         pickle.dump({"weight": Exploit()}, f)
+    with pytest.raises(CheckpointError, match="SHA-256 differs"):
+        load_model(tmp_path / "m")
+    _rehash(tmp_path / "m")  # an attacker who controls both files: the loader still never unpickles
     with pytest.raises(CheckpointError, match="refusing to unpickle"):
         load_model(tmp_path / "m")
     assert not marker.exists()
@@ -74,5 +85,28 @@ def test_bad_checkpoints(tmp_path, moons):
         load_model(tmp_path / "m")
     save(model, tmp_path / "m")
     (tmp_path / "m" / "weights.pt").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="SHA-256 differs"):
+        load_model(tmp_path / "m")
+    _rehash(tmp_path / "m")
     with pytest.raises(CheckpointError, match="corrupt"):
         load_model(tmp_path / "m")
+
+
+def test_weights_that_do_not_belong_to_the_config_are_refused(tmp_path, moons):
+    """Two models of one architecture: the weights of one under the other's config (a save killed
+    between its two renames, or a copied file) would load silently with the wrong history and
+    metadata; the SHA-256 recorded at save time refuses them. Checkpoints without a hash load."""
+    task, data = moons
+    first, second = (NPE(task.prior, "nsf", estimator_kwargs=SMALL) for _ in range(2))
+    first.fit((data["theta"], data["x"]), config=TrainConfig(max_epochs=1, progress=False, seed=0))
+    second.fit((data["theta"], data["x"]), config=TrainConfig(max_epochs=2, progress=False, seed=1))
+    save(first, tmp_path / "first")
+    save(second, tmp_path / "second")
+    config = json.loads((tmp_path / "first" / "config.json").read_text())
+    assert config["weights_sha256"] == hashlib.sha256((tmp_path / "first" / "weights.pt").read_bytes()).hexdigest()
+    (tmp_path / "first" / "weights.pt").write_bytes((tmp_path / "second" / "weights.pt").read_bytes())
+    with pytest.raises(CheckpointError, match=r"first/weights.pt is not the file .*first/config.json was saved with"):
+        load_model(tmp_path / "first")
+    del config["weights_sha256"]  # as written before the hash was recorded: loaded as it is
+    (tmp_path / "first" / "config.json").write_text(json.dumps(config))
+    assert load_model(tmp_path / "first").history.best_epoch == first.history.best_epoch
