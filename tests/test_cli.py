@@ -188,8 +188,11 @@ def test_ctrl_c_during_training_saves_the_best_weights_so_far(tmp_path):
     command = [sys.executable, "-m", "sbi_gen.cli", "train", str(data), "--estimator", "nsf", "--out", str(model),
                "--max-epochs", "100000", "--patience", "100000"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)
+    # A shell's background job inherits SIGINT ignored, and Python then keeps it ignored: the
+    # command gets Ctrl-C's default disposition, as in a terminal.
+    options = {"cwd": ROOT, "env": env, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "start_new_session": True,
+               "preexec_fn": lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)}
+    proc = subprocess.Popen(command, **options)
     try:
         _read_until(proc.stderr, b"best=", timeout=120)  # the bar's postfix appears after the first epoch
         proc.send_signal(signal.SIGINT)
@@ -207,8 +210,7 @@ def test_ctrl_c_during_training_saves_the_best_weights_so_far(tmp_path):
                    "--out", tmp_path / "samples.h5").returncode == 0
 
     # Interrupted in the first epoch (batches of 16: 1,125 steps, seconds): nothing saved, exit 130.
-    proc = subprocess.Popen([*command[:-4], "--out", str(tmp_path / "none"), "--batch-size", "16"], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    proc = subprocess.Popen([*command[:-4], "--out", str(tmp_path / "none"), "--batch-size", "16"], **options)
     try:
         _read_until(proc.stdout, b"training NPE", timeout=120)
         proc.send_signal(signal.SIGINT)
