@@ -37,7 +37,8 @@ from sbi_gen.c2st import c2st
 from sbi_gen.inference import NPE
 from sbi_gen.train import TrainConfig
 
-# name -> {"train": TrainConfig overrides, "nsf": estimator constructor kwargs, optional "estimator" (default "nsf")}
+# name -> {"train": TrainConfig overrides, "nsf": estimator constructor kwargs, optional "estimator" (default
+# "nsf"), "unbounded" (no prior bijection) and "embedding" (of x; default: NPE's)}
 VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     "baseline": {"train": {}, "nsf": {}},
     # Weight averaging: the validated and restored weights are an average over the last
@@ -142,6 +143,21 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     "maf_unbounded_t3": {"estimator": "maf", "train": {}, "nsf": {"transforms": 3}, "unbounded": True},
     "maf_unbounded_ema": {"estimator": "maf", "train": {"ema_decay": 0.999}, "nsf": {}, "unbounded": True},
     "maf_unbounded_wd1e2": {"estimator": "maf", "train": {"weight_decay": 1e-2}, "nsf": {}, "unbounded": True},
+    # NPE's default (the race) with x as it is, and with a residual-MLP embedding of x: slcp's
+    # posterior widths vary by orders of magnitude with x (sbi_gen.nn.default_embedding).
+    "auto": {
+        "estimator": "auto",
+        "train": {"ema_decay": 0.999, "patience": 10, "lr_patience": 4, "learning_rate": 2e-3, "batch_size": 512},
+        "nsf": {},
+        "unbounded": True,
+    },
+    "auto_resmlp": {
+        "estimator": "auto",
+        "train": {"ema_decay": 0.999, "patience": 10, "lr_patience": 4, "learning_rate": 2e-3, "batch_size": 512},
+        "nsf": {},
+        "unbounded": True,
+        "embedding": "resmlp",
+    },
     "short_b1024_lr3e3": {
         "train": {"ema_decay": 0.999, "patience": 10, "lr_patience": 4, "learning_rate": 3e-3, "batch_size": 1024},
         "nsf": {},
@@ -155,7 +171,7 @@ def run_cell(task: Any, theta: Any, x: Any, observations: Any, references: list,
     torch.manual_seed(seed)  # initial weights are drawn when the estimator is built
     # "unbounded": θ z-scored as it is, not through the prior's bijection (NPE(bijection=False)).
     model = NPE(task.prior, variant.get("estimator", "nsf"), estimator_kwargs=variant["nsf"],
-                bijection=not variant.get("unbounded", False))
+                bijection=not variant.get("unbounded", False), embedding=variant.get("embedding"))
     config = TrainConfig(**{"progress": False, "seed": seed, **variant["train"]})
     started = time.perf_counter()
     history = model.fit((theta, x), config=config)
