@@ -155,8 +155,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         elif args.estimator == AUTO:
             losses = ", ".join(f"{name} {'diverged' if loss is None else f'{loss:.4f}'}"
                                for name, loss in model.metadata["estimator_selection"].items())
-            print(f"validation loss by family after {model.metadata['estimator_race_epochs']} epochs "
-                  f"({model.metadata['estimator_race_seconds']:.1f} s): {losses}; kept {model.estimator_name}")
+            raced = ("in the interrupted race" if model.metadata.get("estimator_race_interrupted")
+                     else f"after {model.metadata['estimator_race_epochs']} epochs")
+            print(f"validation loss by family {raced} ({model.metadata['estimator_race_seconds']:.1f} s): {losses}; "
+                  f"kept {model.estimator_name}")
         print(f"best validation loss {history.best_val_loss:.4f} at epoch {history.best_epoch + 1} "
               f"of {len(history.val_loss)} ({history.seconds:.1f} s{', streamed from disk' if history.streaming else ''})")
         print(f"model saved to {args.out}")

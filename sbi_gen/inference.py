@@ -226,7 +226,8 @@ class _Method(abc.ABC):
         A family whose training diverges (``FloatingPointError``) loses the race with a warning
         (its loss recorded as ``None``); if every family diverges, the first one's error is raised.
         Ctrl-C during the race ends it: the best family raced so far is kept as the race trained
-        it (``history.interrupted``; families not raced are absent from the selection)."""
+        it (``history.interrupted``, ``metadata["estimator_race_interrupted"]``; families not
+        raced are absent from the selection)."""
         assert self.prior is not None
         y_key, c_key = self._file_roles
         embedding = self.embedding if self.embedding is not None else default_embedding(x_shape)
@@ -234,7 +235,7 @@ class _Method(abc.ABC):
             self._train_family(AUTO_FAMILY_UNRACED, training_data, x_shape, config)
             self.metadata.update(
                 estimator_selection={}, estimator_race_epochs=0, estimator_race_seconds=0.0,
-                estimator_unraced=f"{embedding} embedding: each family would train its own {embedding.upper()}",
+                estimator_race_interrupted=False, estimator_unraced=f"{embedding} embedding: each family would train its own {embedding.upper()}",
             )
             return self.history
         race_epochs = _race_epochs(n_rows, config)
@@ -292,6 +293,7 @@ class _Method(abc.ABC):
         }
         self.metadata["estimator_race_epochs"] = min(race_epochs, config.max_epochs)
         self.metadata["estimator_race_seconds"] = race_seconds
+        self.metadata["estimator_race_interrupted"] = interrupted
         self.metadata.pop("estimator_unraced", None)
         self.estimator.to(self.device)
         return self.history

@@ -347,6 +347,7 @@ def test_ctrl_c_during_auto_keeps_the_best_model_so_far(family, at, kept_from_ra
         handle.remove()
     assert history.interrupted and npe.history is history and npe.estimator_name == "nsf"
     assert set(npe.metadata["estimator_selection"]) == kept_from_race
+    assert npe.metadata["estimator_race_interrupted"] == (family < 2)
     assert len(history.val_loss) == epochs and history.best_val_loss == min(history.val_loss)
     assert npe.posterior(np.array([1.0])).sample((100,)).shape == (100, 1)
 
