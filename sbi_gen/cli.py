@@ -506,7 +506,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help="sample the posterior of an observation with a trained model")
     p.add_argument("model", help="model directory from `sbi-gen train`")
-    p.add_argument("--obs", required=True, help="observation: a .npy file or an HDF5 file in the training-set format")
+    p.add_argument("--obs", required=True, help="observation: a .npy file or an HDF5 file in the training-set format; "
+                   "for NLE, a .npy of shape (k, *x_shape) holds k i.i.d. observations of one θ")
     p.add_argument("--index", type=_non_negative_int, default=0, help="row of the HDF5 observation file (default 0)")
     p.add_argument("--n", type=_positive_int, default=10_000, help="number of posterior samples")
     p.add_argument("--out", required=True, help="output HDF5 file of samples")

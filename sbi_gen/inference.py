@@ -329,6 +329,11 @@ class _Method(abc.ABC):
         x = torch.as_tensor(np.asarray(x_obs) if not isinstance(x_obs, Tensor) else x_obs, dtype=torch.float32)
         if tuple(x.shape) == self.x_shape:
             x = x.unsqueeze(0)
+        if tuple(x.shape[1:]) == self.x_shape and x.shape[0] > 1 and not allow_many:
+            raise ValueError(
+                f"x_obs holds {x.shape[0]} observations of shape {self.x_shape}, but {self.method.upper()} conditions "
+                "on one; for several i.i.d. observations of one θ, train NLE, whose likelihoods add"
+            )
         if tuple(x.shape[1:]) != self.x_shape or (x.shape[0] != 1 and not allow_many):
             expected = f"{self.x_shape}" + (f" or (n_obs, {', '.join(map(str, self.x_shape))})" if allow_many else "")
             raise ValueError(f"x_obs has shape {tuple(x.shape)}, but the model was trained on observations of shape {expected}")

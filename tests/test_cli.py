@@ -225,6 +225,25 @@ def test_ctrl_c_during_training_saves_the_best_weights_so_far(tmp_path):
     assert not (tmp_path / "none").exists()
 
 
+def test_nle_samples_the_posterior_of_several_iid_observations_from_a_npy(tmp_path):
+    """`sbi-gen sample` with a .npy of k observations: NLE combines them (its MCMC runs on the
+    summed log-likelihoods) and writes them all; NPE, which conditions on one, says to use NLE."""
+    data = tmp_path / "moons.h5"
+    sbi_gen("simulate", "two_moons", "--n", 2000, "--out", data, "--seed", 0, "--quiet")
+    small = '{"transforms": 2, "hidden_features": [32, 32]}'
+    for method in ("nle", "npe"):
+        sbi_gen("train", data, "--method", method, "--estimator", "maf", "--estimator-kwargs", small,
+                "--max-epochs", 3, "--out", tmp_path / method, "--quiet")
+    events = tmp_path / "events.npy"
+    np.save(events, np.array([[0.1, 0.2], [0.12, 0.18], [0.08, 0.22]]))
+    out = sbi_gen("sample", tmp_path / "nle", "--obs", events, "--n", 200, "--out", tmp_path / "s.h5").stdout
+    assert "MCMC: max R-hat" in out and "theta_1" in out
+    with h5py.File(tmp_path / "s.h5") as f:
+        assert f["samples"].shape == (200, 2) and f["x_obs"].shape == (3, 2) and f.attrs["method"] == "nle"
+    assert_one_line_error(sbi_gen("sample", tmp_path / "npe", "--obs", events, "--out", tmp_path / "p.h5", check=False),
+                          "x_obs holds 3 observations of shape (2,), but NPE conditions on one", "train NLE")
+
+
 def test_train_with_and_without_the_bijection(tmp_path):
     data = tmp_path / "moons.h5"
     sbi_gen("simulate", "two_moons", "--n", 500, "--out", data, "--seed", 0, "--quiet")

@@ -194,6 +194,8 @@ def test_clear_errors_for_bad_use():
     npe.fit((data["theta"], data["x"]), config=TrainConfig(max_epochs=1, progress=False))
     with pytest.raises(ValueError, match=r"x_obs has shape \(3,\).*\(2,\)"):
         npe.posterior(np.zeros(3))
+    with pytest.raises(ValueError, match=r"holds 4 observations of shape \(2,\), but NPE conditions on one.*NLE"):
+        npe.posterior(np.zeros((4, 2)))
     with pytest.raises(ValueError, match="NaN"):
         npe.posterior(np.array([0.0, np.nan]))
     with pytest.raises(ValueError, match="unknown estimator 'gan'"):
