@@ -163,9 +163,15 @@ class _Method(abc.ABC):
     def _build(self, theta_dim: int, x_shape: tuple[int, ...], name: str | None = None) -> ConditionalEstimator:
         """The untrained estimator (of family ``name``, default this model's) for these dimensions."""
 
-    def fit(self, data: Any, *, config: TrainConfig | None = None) -> History:
+    def fit(
+        self, data: Any, *, config: TrainConfig | None = None, state_path: str | os.PathLike[str] | None = None
+    ) -> History:
         """Train on ``data``: an HDF5 training set path, a :class:`~sbi_gen.store.TrainingSet` or
-        a ``(theta, x)`` pair. Only valid rows of a file are used. Returns the training history."""
+        a ``(theta, x)`` pair. Only valid rows of a file are used. Returns the training history.
+
+        ``state_path``: resumable training (see :func:`sbi_gen.train.fit`); with ``"auto"`` the
+        race is run again (it is short and seeded, so it keeps the same family) and the kept
+        family's training resumes."""
         if isinstance(data, (str, os.PathLike)):
             # ``fit`` reads the file itself: loaded, or streamed when large (TrainConfig.streaming).
             info = read_info(data)
@@ -203,12 +209,14 @@ class _Method(abc.ABC):
         self.device = resolve_device(config.device)
         try:
             if self.auto:
-                return self._fit_auto(training_data, x_shape, n_rows, config)
+                return self._fit_auto(training_data, x_shape, n_rows, config, state_path)
             if self.estimator is None or self.x_shape != x_shape:
                 self.x_shape = x_shape
                 self.estimator = self._build(self.prior.dim, x_shape)
             y_key, c_key = self._file_roles
-            self.history = fit(self.estimator, training_data, config=config, y_key=y_key, c_key=c_key)
+            self.history = fit(
+                self.estimator, training_data, config=config, y_key=y_key, c_key=c_key, state_path=state_path
+            )
         except BaseException:
             # A failed or interrupted training leaves no half-trained estimator to sample from
             # (Ctrl-C after a validated epoch is not a failure: fit returns the best weights).
@@ -217,7 +225,9 @@ class _Method(abc.ABC):
         self.estimator.to(self.device)
         return self.history
 
-    def _fit_auto(self, training_data: Any, x_shape: tuple[int, ...], n_rows: int, config: TrainConfig) -> History:
+    def _fit_auto(
+        self, training_data: Any, x_shape: tuple[int, ...], n_rows: int, config: TrainConfig, state_path: Any = None
+    ) -> History:
         """Race the families of :data:`AUTO_FAMILIES` for a few epochs on the same split
         (``config.seed``), then train the one with the lower validation loss in full; the race's
         losses are in ``metadata["estimator_selection"]``, its length in
@@ -232,7 +242,7 @@ class _Method(abc.ABC):
         y_key, c_key = self._file_roles
         embedding = self.embedding if self.embedding is not None else default_embedding(x_shape)
         if embedding in AUTO_UNRACED_EMBEDDINGS:
-            self._train_family(AUTO_FAMILY_UNRACED, training_data, x_shape, config)
+            self._train_family(AUTO_FAMILY_UNRACED, training_data, x_shape, config, state_path)
             self.metadata.update(
                 estimator_selection={}, estimator_race_epochs=0, estimator_race_seconds=0.0,
                 estimator_race_interrupted=False, estimator_unraced=f"{embedding} embedding: each family would train its own {embedding.upper()}",
@@ -282,7 +292,7 @@ class _Method(abc.ABC):
         else:
             del fitted  # the race's models are dropped before the winner's full training
             torch.random.set_rng_state(initial_rng)
-            self._train_family(best, training_data, x_shape, config)
+            self._train_family(best, training_data, x_shape, config, state_path)
         # Validation losses by family, in AUTO_FAMILIES order; None for a family that diverged
         # (strict JSON in the checkpoint's config, which has no infinity); families a Ctrl-C
         # kept from the race are left out.
@@ -298,13 +308,17 @@ class _Method(abc.ABC):
         self.estimator.to(self.device)
         return self.history
 
-    def _train_family(self, name: str, training_data: Any, x_shape: tuple[int, ...], config: TrainConfig) -> None:
+    def _train_family(
+        self, name: str, training_data: Any, x_shape: tuple[int, ...], config: TrainConfig, state_path: Any = None
+    ) -> None:
         """A fresh estimator of family ``name`` trained in full: what ``"auto"`` keeps."""
         assert self.prior is not None
         y_key, c_key = self._file_roles
         self.estimator_name, self.x_shape = name, x_shape
         self.estimator = self._build(self.prior.dim, x_shape, name)
-        self.history = fit(self.estimator, training_data, config=config, y_key=y_key, c_key=c_key)
+        self.history = fit(
+            self.estimator, training_data, config=config, y_key=y_key, c_key=c_key, state_path=state_path
+        )
         self.estimator.to(self.device)
 
     def train_config(self, **overrides: Any) -> TrainConfig:

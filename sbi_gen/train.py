@@ -28,12 +28,15 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
+import json
 import math
 import os
 import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -248,6 +251,10 @@ class _Batches:
     n_train: int
     n_val: int
     streaming: bool
+    # What a resumed training must find again: the rows (a digest) and, in memory, the state of
+    # the shuffling generator, which runs on from epoch to epoch (streams are seeded per epoch).
+    fingerprint: str = ""
+    generator: torch.Generator | None = None
 
 
 def _in_memory(data: Any, config: TrainConfig, device: torch.device, y_key: str, c_key: str) -> _Batches:
@@ -285,7 +292,18 @@ def _in_memory(data: Any, config: TrainConfig, device: torch.device, y_key: str,
             return y_train, c_train
         return y[train_idx].to(device), c[train_idx].to(device)
 
-    return _Batches(train, val, standardization, len(train_idx), len(val_idx), streaming=False)
+    return _Batches(train, val, standardization, len(train_idx), len(val_idx), streaming=False,
+                    fingerprint=_rows_digest(y, c), generator=generator)
+
+
+def _rows_digest(y: Tensor, c: Tensor) -> str:
+    """SHA-256 of the shapes and of up to 1,000 rows spread over ``(y, c)``: tells two training
+    sets apart without reading gigabytes of maps."""
+    digest = hashlib.sha256(repr((tuple(y.shape), tuple(c.shape), str(y.dtype), str(c.dtype))).encode())
+    rows = torch.linspace(0, len(y) - 1, min(len(y), 1000)).long() if len(y) else torch.zeros(0, dtype=torch.long)
+    for values in (y, c):
+        digest.update(values[rows].detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _streamed(path: Any, config: TrainConfig, device: torch.device, y_key: str, c_key: str) -> _Batches:
@@ -329,6 +347,9 @@ def _streamed(path: Any, config: TrainConfig, device: torch.device, y_key: str, 
         y, c = read_blocks(path, order[:take], layout, y_key, c_key)
         return y.to(device), c.to(device)
 
+    file_info = read_info(path)
+    run = {key: file_info.get(key) for key in ("simulator", "simulator_version", "simulator_config", "prior", "seed",
+                                               "n_simulations", "chunk_size")}
     return _Batches(
         train=lambda epoch: on_device(train_stream.batches(epoch, limit=steps)),
         val=lambda: on_device(val_stream.batches(0)),
@@ -336,6 +357,7 @@ def _streamed(path: Any, config: TrainConfig, device: torch.device, y_key: str, 
         n_train=n_train,
         n_val=n_val,
         streaming=True,
+        fingerprint=hashlib.sha256(json.dumps([run, n_train, n_val], default=str).encode()).hexdigest(),
     )
 
 
@@ -378,6 +400,7 @@ def fit(
     y_key: str = "theta",
     c_key: str = "x",
     standardize: bool = True,
+    state_path: str | os.PathLike[str] | None = None,
 ) -> History:
     """Train ``estimator`` on ``data`` and return the :class:`History`.
 
@@ -391,6 +414,13 @@ def fit(
         y_key: For a training set or path, the dataset playing ``y`` (``"theta"`` for NPE).
         c_key: Likewise for ``c`` (``"x"`` for NPE).
         standardize: Set the estimator's z-scoring from the training split first.
+        state_path: A file where the whole training state (weights, weight average, optimizer,
+            schedule, history, random states) is written after every epoch, atomically. If it
+            exists, training resumes after its last epoch and ends exactly as an uninterrupted
+            run would (a ``ValueError`` if it belongs to another estimator, configuration or
+            data set; ``max_epochs`` may differ, to train longer). Not under ``torchrun``. The
+            file stays when training ends, so a finished run is not redone; delete it to train
+            again.
 
     Rows with non-finite values (and rows of a file flagged invalid) are dropped; the best
     weights (lowest validation loss) are loaded back into ``estimator`` at the end.
@@ -415,10 +445,56 @@ def fit(
     if standardize and hasattr(estimator, "set_standardization") and process_info().rank == 0:
         estimator.set_standardization(*batches.standardization())
     broadcast_module(estimator)  # same weights and statistics everywhere
-    return _train(estimator, batches, config, device)
+    state = None
+    if state_path is not None:
+        if process_info().world_size > 1:
+            raise ValueError("state_path (resumable training) is not available under torchrun")
+        state = _TrainingState(Path(state_path), _fingerprint(estimator, config, batches))
+    return _train(estimator, batches, config, device, state)
 
 
-def _train(estimator: nn.Module, batches: _Batches, config: TrainConfig, device: torch.device) -> History:
+# TrainConfig fields a resumed run may change: they do not change what the epochs done computed
+# (``max_epochs`` may grow, to train longer).
+_UNFINGERPRINTED = ("progress", "device", "streaming", "streaming_threshold", "max_epochs")
+
+
+def _fingerprint(estimator: nn.Module, config: TrainConfig, batches: _Batches) -> str:
+    described = {
+        "estimator": estimator.config() if hasattr(estimator, "config") else type(estimator).__name__,
+        "config": {k: v for k, v in asdict(config).items() if k not in _UNFINGERPRINTED},
+        "data": [batches.fingerprint, batches.n_train, batches.n_val, batches.streaming],
+    }
+    return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class _TrainingState:
+    """The file :func:`fit` resumes from: everything the loop carries from one epoch to the next."""
+
+    def __init__(self, path: Path, fingerprint: str):
+        self.path, self.fingerprint = path, fingerprint
+
+    def load(self) -> dict[str, Any] | None:
+        if not self.path.exists():
+            return None
+        try:
+            saved = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as error:  # any unreadable file gets the same one-line reason
+            raise ValueError(f"{self.path} is not a readable training state ({str(error).splitlines()[0]}); "
+                             "delete it to train from the start") from None
+        if not isinstance(saved, dict) or saved.get("fingerprint") != self.fingerprint:
+            raise ValueError(f"{self.path} is the state of another training (estimator, settings or data differ); "
+                             "delete it to train from the start")
+        return saved
+
+    def save(self, state: dict[str, Any]) -> None:
+        tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
+        torch.save({"fingerprint": self.fingerprint, **state}, tmp)
+        os.replace(tmp, self.path)  # atomic: the file is always one whole epoch's state
+
+
+def _train(
+    estimator: nn.Module, batches: _Batches, config: TrainConfig, device: torch.device, state: _TrainingState | None = None
+) -> History:
     info = process_info()
     step = wrap_for_training(estimator, device)
     optimizer = _adamw(estimator, config)
@@ -436,12 +512,32 @@ def _train(estimator: nn.Module, batches: _Batches, config: TrainConfig, device:
     history = History(n_train=batches.n_train, n_val=batches.n_val, streaming=batches.streaming, world_size=info.world_size)
     ema = _WeightAverage(estimator, config.ema_decay) if config.ema_decay is not None else None
     best_state = copy.deepcopy(estimator.state_dict())
-    bar = _progress(config) if info.rank == 0 else None
-    started = time.perf_counter()
     epochs_since_best = 0
     progress_mark = math.inf  # the validation loss of the last fall by at least min_delta
+    earlier_seconds = 0.0
+    saved = state.load() if state is not None else None
+    if saved is not None:
+        estimator.load_state_dict(saved["weights"])
+        best_state = saved["best_weights"]
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        if ema is not None:
+            ema.load(saved["weight_average"], int(saved["weight_average_updates"]))
+        history = History(**saved["history"])
+        history.interrupted = False
+        earlier_seconds = history.seconds
+        epochs_since_best, progress_mark = int(saved["epochs_since_best"]), float(saved["progress_mark"])
+        if batches.generator is not None:
+            batches.generator.set_state(saved["shuffle_rng"])
+        torch.set_rng_state(saved["torch_rng"])
+        if device.type == "cuda" and "cuda_rng" in saved:
+            torch.cuda.set_rng_state(saved["cuda_rng"], device)
+    first_epoch = len(history.val_loss)
+    finished = history.stopped_early or first_epoch >= config.max_epochs
+    bar = _progress(config, initial=first_epoch) if info.rank == 0 and not finished else None
+    started = time.perf_counter()
     try:
-        for epoch in range(config.max_epochs):
+        for epoch in range(first_epoch, config.max_epochs if not finished else first_epoch):
             step.train()
             running = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of batch losses, batches]
             with contextlib.closing(batches.train(epoch)) as train_batches:
@@ -485,10 +581,26 @@ def _train(estimator: nn.Module, batches: _Batches, config: TrainConfig, device:
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(train=f"{train_loss:.3f}", val=f"{val_loss:.3f}", best=f"{history.best_val_loss:.3f}")
-            if epochs_since_best >= config.patience or (
+            stop = epochs_since_best >= config.patience or (
                 not cosine and optimizer.param_groups[0]["lr"] < config.min_learning_rate
-            ):
-                history.stopped_early = True
+            )
+            history.stopped_early = bool(stop)
+            if state is not None:
+                history.seconds = earlier_seconds + time.perf_counter() - started
+                state.save({
+                    "weights": estimator.state_dict(),
+                    "best_weights": best_state,
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    **({"weight_average": ema.average, "weight_average_updates": ema.updates} if ema is not None else {}),
+                    "history": history.to_dict(),
+                    "epochs_since_best": epochs_since_best,
+                    "progress_mark": progress_mark,
+                    **({"shuffle_rng": batches.generator.get_state()} if batches.generator is not None else {}),
+                    "torch_rng": torch.get_rng_state(),
+                    **({"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
+                })
+            if stop:
                 break
     except KeyboardInterrupt:
         # Ctrl-C ends training like an early stop: the best weights so far are the result. Before
@@ -507,7 +619,7 @@ def _train(estimator: nn.Module, batches: _Batches, config: TrainConfig, device:
             bar.close()
     estimator.load_state_dict(best_state)
     estimator.eval()
-    history.seconds = time.perf_counter() - started
+    history.seconds = earlier_seconds + time.perf_counter() - started
     return history
 
 
@@ -546,6 +658,13 @@ class _WeightAverage:
         torch._foreach_lerp_(self.average, [p.detach() for p in self.params], 1.0 - decay)
 
     @torch.no_grad()
+    def load(self, average: list[Tensor], updates: int) -> None:
+        """Takes the average and the update count of a saved training state."""
+        for a, saved in zip(self.average, average, strict=True):
+            a.copy_(saved)
+        self.updates = int(updates)
+
+    @torch.no_grad()
     def swap(self) -> None:
         """Exchanges the module's weights and the averages (twice restores both)."""
         for p, a in zip(self.params, self.average):
@@ -554,12 +673,12 @@ class _WeightAverage:
             a.copy_(held)
 
 
-def _progress(config: TrainConfig) -> Any:
+def _progress(config: TrainConfig, initial: int = 0) -> Any:
     if not config.progress:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=config.max_epochs, unit="epoch", desc="training", dynamic_ncols=True)
+    return tqdm(total=config.max_epochs, initial=initial, unit="epoch", desc="training", dynamic_ncols=True)
 
 
 def with_overrides(config: TrainConfig | None, **overrides: Any) -> TrainConfig:

@@ -1,4 +1,5 @@
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -208,3 +209,54 @@ def test_ctrl_c_before_the_first_epoch_ends_propagates():
     est.embedding.register_forward_hook(_CtrlC(at=3))
     with pytest.raises(KeyboardInterrupt):
         fit(est, (y, c), config=TrainConfig(max_epochs=5, progress=False, batch_size=64))
+
+
+@pytest.mark.parametrize("source", ["tensors", "streamed file"])
+def test_training_resumes_from_its_state_file_exactly_as_if_never_stopped(tmp_path, source):
+    """A run stopped in epoch 4 (Ctrl-C) and resumed from its state file ends with the same
+    weights and history, bit for bit, as a run never stopped: the weights, their average, the
+    optimizer, the schedule and the shuffling all continue. A finished state is not trained
+    again; another configuration's state, or a damaged file, is refused with its reason."""
+    if source == "tensors":
+        y, c = _data(600)
+        data, key = (y, c), {}
+    else:
+        prior = BoxUniform([-2.0], [2.0])
+        sim = as_simulator(lambda theta, rng: 2 * theta + 0.3 * rng.normal(size=theta.shape), prior, name="line")
+        simulate_to_hdf5(sim, 1200, tmp_path / "d.h5", seed=0, chunk_size=100, progress=False)
+        data, key = tmp_path / "d.h5", {"streaming": True}
+    config = TrainConfig(max_epochs=6, patience=50, progress=False, batch_size=64, ema_decay=0.9, **key)
+
+    def estimator():
+        torch.manual_seed(0)
+        return build_estimator("nsf", 1, (1,), embedding="mlp", **SMALL)
+
+    whole = estimator()
+    whole_history = fit(whole, data, config=config, state_path=tmp_path / "whole.pt")
+
+    stopped = estimator()
+    hook = stopped.embedding.register_forward_hook(_CtrlC(at=3 * (whole_history.n_train // 64) + 5))
+    with pytest.warns(UserWarning, match="interrupted in epoch 4"):
+        assert fit(stopped, data, config=config, state_path=tmp_path / "run.pt").interrupted
+    hook.remove()
+    resumed = estimator()
+    history = fit(resumed, data, config=config, state_path=tmp_path / "run.pt")
+    assert history.val_loss == whole_history.val_loss and history.train_loss == whole_history.train_loss
+    assert history.best_epoch == whole_history.best_epoch and not history.interrupted
+    for a, b in zip(resumed.state_dict().values(), whole.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+    # Finished: nothing is trained again (no forward pass at all), the best weights are returned.
+    again = estimator()
+    counter = _CtrlC(at=-1)
+    again.embedding.register_forward_hook(counter)
+    assert fit(again, data, config=config, state_path=tmp_path / "run.pt").val_loss == whole_history.val_loss
+    assert counter.calls == 0
+    for a, b in zip(again.state_dict().values(), whole.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+    with pytest.raises(ValueError, match="run.pt is the state of another training"):
+        fit(estimator(), data, config=replace(config, learning_rate=3e-3), state_path=tmp_path / "run.pt")
+    (tmp_path / "run.pt").write_bytes(b"not a state")
+    with pytest.raises(ValueError, match="run.pt is not a readable training state"):
+        fit(estimator(), data, config=config, state_path=tmp_path / "run.pt")
