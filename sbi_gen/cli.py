@@ -15,6 +15,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 __all__ = ["main"]
@@ -117,11 +118,14 @@ def _cmd_info(args: argparse.Namespace) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    import torch
+
     from sbi_gen import distributed
     from sbi_gen.checkpoint import save
     from sbi_gen.estimators import ESTIMATORS
     from sbi_gen.inference import AUTO, AUTO_FAMILIES, NLE, NPE
     from sbi_gen.store import read_info
+    from sbi_gen.train import TrainingStateError
 
     method = {"npe": NPE, "nle": NLE}[args.method]
     if args.estimator is None:
@@ -144,10 +148,28 @@ def _cmd_train(args: argparse.Namespace) -> int:
     distributed.init_from_env(args.device)
     main = distributed.is_main_process()
     world = distributed.process_info().world_size
+    # One process: the training state is saved after every epoch beside the model, and the same
+    # command resumes it after a crash (or trains longer with a larger --max-epochs).
+    state_path = None
+    if world == 1:
+        out = Path(args.out)
+        if out.exists() and not out.is_dir():
+            raise CLIError(f"cannot save to {out}: it is a file, a model is a directory")
+        out.mkdir(parents=True, exist_ok=True)
+        state_path = out / TRAINING_STATE
+        if args.overwrite:
+            state_path.unlink(missing_ok=True)
     if main:
         print(f"training {args.method.upper()} ({args.estimator}) on {info['n_valid']:,} valid simulations of "
               f"{info['simulator']}" + (f" with {world} processes" if world > 1 else ""), flush=True)
-    history = model.fit(args.data, config=config)
+        if state_path is not None and state_path.exists():
+            print(f"resuming the training saved in {state_path}", flush=True)
+    # --seed decides everything: the initial weights as well as the split and the batches.
+    torch.manual_seed(args.seed)
+    try:
+        history = model.fit(args.data, config=config, state_path=state_path)
+    except TrainingStateError as error:
+        raise CLIError(f"{error}, or pass --overwrite") from None
     if main:
         save(model, args.out)
         if args.estimator == AUTO and model.metadata.get("estimator_unraced"):
@@ -164,15 +186,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(f"model saved to {args.out}")
     # Only after success: a failed process just exits, and torchrun stops the others.
     distributed.shutdown()
-    return _interrupted_training(history, "model")
+    return _interrupted_training(history, "model", resumable=state_path is not None)
 
 
-def _interrupted_training(history: Any, what: str) -> int:
+def _interrupted_training(history: Any, what: str, resumable: bool = False) -> int:
     """0, or 130 (as for Ctrl-C) after saying that an interrupted training's best weights were saved."""
     if not history.interrupted:
         return 0
     print(f"sbi-gen: interrupted; the {what} saved holds the best weights of the {len(history.val_loss)} epochs "
-          f"trained (epoch {history.best_epoch + 1})", file=sys.stderr)
+          f"trained (epoch {history.best_epoch + 1})" + ("; rerun the same command to resume" if resumable else ""),
+          file=sys.stderr)
     return 130
 
 
@@ -308,6 +331,9 @@ def _cmd_train_emulator(args: argparse.Namespace) -> int:
     elif args.pixel_shift is not None:
         raise CLIError("--pixel-shift goes with --pixel-transform shifted_log")
     print(f"training a {args.family} emulator on {info['n_valid']:,} valid maps of {info['simulator']}")
+    import torch
+
+    torch.manual_seed(args.seed)  # --seed decides the initial weights too
     try:
         emulator, history = train_emulator(args.data, args.family, hyperparameters, config=config, **transform)
     except (TypeError, ValueError) as error:
@@ -442,6 +468,8 @@ _positive_float = _positive_number("number")
 _non_negative_float = _positive_number("number", allow_zero=True)
 
 
+# Beside a model from `sbi-gen train`: the state its training resumes from (sbi_gen.train.fit's state_path).
+TRAINING_STATE = "training_state.pt"
 _TRAINING_OPTIONS = ("batch_size", "learning_rate", "max_epochs", "patience", "min_delta")
 
 
@@ -494,7 +522,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "validation loss trained in full; maps train nsf, not raced), nsf, maf (default for nle), cnf, vae, diffusion")
     p.add_argument("--estimator-kwargs", default=None, help="estimator hyperparameters as a JSON object")
     p.add_argument("--embedding", default=None, help="embedding of x for NPE: identity (default for vectors), mlp, resmlp, cnn (default for maps)")
-    p.add_argument("--out", required=True, help="output model directory")
+    p.add_argument("--out", required=True, help="output model directory (it also holds the training state, "
+                   f"{TRAINING_STATE}, from which the same command resumes)")
     p.add_argument("--bijection", action="store_true",
                    help="NPE: model θ in the prior's unconstrained space, so no draw is rejected (default: θ as it is, "
                    "draws outside the prior rejected; see NPE's bijection argument)")
@@ -502,6 +531,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--streaming", choices=["auto", "on", "off"], default="auto",
                    help="stream the file from disk instead of loading it (auto: when it would fill a quarter of the free memory)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--overwrite", action="store_true",
+                   help="train from the start, discarding the training state OUT holds (by default a run resumes it)")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("sample", help="sample the posterior of an observation with a trained model")

@@ -417,8 +417,8 @@ def fit(
         state_path: A file where the whole training state (weights, weight average, optimizer,
             schedule, history, random states) is written after every epoch, atomically. If it
             exists, training resumes after its last epoch and ends exactly as an uninterrupted
-            run would (a ``ValueError`` if it belongs to another estimator, configuration or
-            data set; ``max_epochs`` may differ, to train longer). Not under ``torchrun``. The
+            run would (a :class:`TrainingStateError` if it belongs to another estimator,
+            configuration or data set; ``max_epochs`` may differ, to train longer). Not under ``torchrun``. The
             file stays when training ends, so a finished run is not redone; delete it to train
             again.
 
@@ -467,6 +467,10 @@ def _fingerprint(estimator: nn.Module, config: TrainConfig, batches: _Batches) -
     return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()
 
 
+class TrainingStateError(ValueError):
+    """A ``state_path`` that cannot be resumed: unreadable, or another training's."""
+
+
 class _TrainingState:
     """The file :func:`fit` resumes from: everything the loop carries from one epoch to the next."""
 
@@ -479,10 +483,10 @@ class _TrainingState:
         try:
             saved = torch.load(self.path, map_location="cpu", weights_only=True)
         except Exception as error:  # any unreadable file gets the same one-line reason
-            raise ValueError(f"{self.path} is not a readable training state ({str(error).splitlines()[0]}); "
+            raise TrainingStateError(f"{self.path} is not a readable training state ({str(error).splitlines()[0]}); "
                              "delete it to train from the start") from None
         if not isinstance(saved, dict) or saved.get("fingerprint") != self.fingerprint:
-            raise ValueError(f"{self.path} is the state of another training (estimator, settings or data differ); "
+            raise TrainingStateError(f"{self.path} is the state of another training (estimator, settings or data differ); "
                              "delete it to train from the start")
         return saved
 

@@ -203,6 +203,7 @@ def test_ctrl_c_during_training_saves_the_best_weights_so_far(tmp_path):
     assert proc.returncode == 130, stderr.decode()
     last = stderr.decode().strip().splitlines()[-1]
     assert last.startswith("sbi-gen: interrupted; the model saved holds the best weights of the"), last
+    assert last.endswith("; rerun the same command to resume"), last
     assert "Traceback" not in stderr.decode() and b"model saved to" in stdout
     loaded = load_model(model)
     assert loaded.history.interrupted and loaded.history.best_val_loss == min(loaded.history.val_loss)
@@ -222,7 +223,7 @@ def test_ctrl_c_during_training_saves_the_best_weights_so_far(tmp_path):
     assert stderr.decode().strip().splitlines()[-1] == (
         "sbi-gen: interrupted; no model was saved (none is kept before the first epoch ends)"
     )
-    assert not (tmp_path / "none").exists()
+    assert sorted(p.name for p in (tmp_path / "none").iterdir()) == []  # no model, no training state
 
 
 def test_nle_samples_the_posterior_of_several_iid_observations_from_a_npy(tmp_path):
@@ -242,6 +243,63 @@ def test_nle_samples_the_posterior_of_several_iid_observations_from_a_npy(tmp_pa
         assert f["samples"].shape == (200, 2) and f["x_obs"].shape == (3, 2) and f.attrs["method"] == "nle"
     assert_one_line_error(sbi_gen("sample", tmp_path / "npe", "--obs", events, "--out", tmp_path / "p.h5", check=False),
                           "x_obs holds 3 observations of shape (2,), but NPE conditions on one", "train NLE")
+
+
+def test_train_killed_with_sigkill_resumes_and_ends_as_an_uninterrupted_run(tmp_path):
+    """`kill -9` of a real `sbi-gen train` once its training state holds two epochs; the same
+    command then resumes (it says so) and saves a model whose weights and history equal, bit for
+    bit, those of the same command never interrupted. A finished run is not trained again; a
+    changed setting is refused (one line) unless --overwrite."""
+    import time
+
+    import torch
+
+    from sbi_gen.checkpoint import load_model
+
+    data = tmp_path / "moons.h5"
+    sbi_gen("simulate", "two_moons", "--n", 3000, "--out", data, "--seed", 0, "--quiet")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same arithmetic in every run
+
+    def train(out, *extra, check=True):
+        proc = subprocess.run([sys.executable, "-m", "sbi_gen.cli", "train", str(data), "--estimator", "nsf",
+                               "--max-epochs", "12", "--batch-size", "64", "--out", str(out), "--quiet", *extra],
+                              capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+        assert not check or proc.returncode == 0, proc.stderr
+        return proc
+
+    train(tmp_path / "whole")
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "sbi_gen.cli", "train", str(data), "--estimator", "nsf",
+                             "--max-epochs", "12", "--batch-size", "64", "--out", str(killed), "--quiet"],
+                            cwd=ROOT, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert time.monotonic() < deadline and proc.poll() is None, "no second epoch was saved in time"
+            state = killed / "training_state.pt"
+            if state.exists() and len(torch.load(state, weights_only=True)["history"]["val_loss"]) >= 2:
+                break
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert not (killed / "config.json").exists()  # killed before the model was saved
+    out = train(killed).stdout
+    assert f"resuming the training saved in {killed / 'training_state.pt'}" in out
+    whole, resumed = load_model(tmp_path / "whole"), load_model(killed)
+    assert resumed.history.val_loss == whole.history.val_loss and len(whole.history.val_loss) == 12
+    for a, b in zip(resumed.estimator.state_dict().values(), whole.estimator.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+    assert "resuming" in train(killed).stdout  # finished: returns the same model at once
+    assert load_model(killed).history.val_loss == whole.history.val_loss
+    assert_one_line_error(train(killed, "--learning-rate", "3e-3", check=False),
+                          "training_state.pt is the state of another training", "or pass --overwrite")
+    assert len(load_model(killed).history.val_loss) == 12  # the refused run changed nothing
+    train(killed, "--learning-rate", "3e-3", "--overwrite")
+    assert load_model(killed).history.val_loss != whole.history.val_loss
 
 
 def test_train_with_and_without_the_bijection(tmp_path):

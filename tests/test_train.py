@@ -216,7 +216,8 @@ def test_training_resumes_from_its_state_file_exactly_as_if_never_stopped(tmp_pa
     """A run stopped in epoch 4 (Ctrl-C) and resumed from its state file ends with the same
     weights and history, bit for bit, as a run never stopped: the weights, their average, the
     optimizer, the schedule and the shuffling all continue. A finished state is not trained
-    again; another configuration's state, or a damaged file, is refused with its reason."""
+    again, unless max_epochs grows; another configuration's state, or a damaged file, is
+    refused with its reason."""
     if source == "tensors":
         y, c = _data(600)
         data, key = (y, c), {}
@@ -254,6 +255,10 @@ def test_training_resumes_from_its_state_file_exactly_as_if_never_stopped(tmp_pa
     assert counter.calls == 0
     for a, b in zip(again.state_dict().values(), whole.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+    # A larger max_epochs trains on: 6 epochs then 2 more are the 8 of one run.
+    longer = fit(estimator(), data, config=replace(config, max_epochs=8), state_path=tmp_path / "whole.pt")
+    assert longer.val_loss == fit(estimator(), data, config=replace(config, max_epochs=8)).val_loss
 
     with pytest.raises(ValueError, match="run.pt is the state of another training"):
         fit(estimator(), data, config=replace(config, learning_rate=3e-3), state_path=tmp_path / "run.pt")
