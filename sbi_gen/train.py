@@ -478,6 +478,9 @@ class _TrainingState:
         self.path, self.fingerprint = path, fingerprint
 
     def load(self) -> dict[str, Any] | None:
+        # What a process killed inside ``save`` left: never a state, only its unfinished copy.
+        for leftover in self.path.parent.glob(f"{self.path.name}.tmp-*"):
+            leftover.unlink(missing_ok=True)
         if not self.path.exists():
             return None
         try:
@@ -492,8 +495,11 @@ class _TrainingState:
 
     def save(self, state: dict[str, Any]) -> None:
         tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
-        torch.save({"fingerprint": self.fingerprint, **state}, tmp)
-        os.replace(tmp, self.path)  # atomic: the file is always one whole epoch's state
+        try:
+            torch.save({"fingerprint": self.fingerprint, **state}, tmp)
+            os.replace(tmp, self.path)  # atomic: the file is always one whole epoch's state
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 def _train(

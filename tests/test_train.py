@@ -240,8 +240,10 @@ def test_training_resumes_from_its_state_file_exactly_as_if_never_stopped(tmp_pa
     with pytest.warns(UserWarning, match="interrupted in epoch 4"):
         assert fit(stopped, data, config=config, state_path=tmp_path / "run.pt").interrupted
     hook.remove()
+    (tmp_path / "run.pt.tmp-99999").write_bytes(b"half a state")  # left by a process killed while saving
     resumed = estimator()
     history = fit(resumed, data, config=config, state_path=tmp_path / "run.pt")
+    assert not (tmp_path / "run.pt.tmp-99999").exists()
     assert history.val_loss == whole_history.val_loss and history.train_loss == whole_history.train_loss
     assert history.best_epoch == whole_history.best_epoch and not history.interrupted
     for a, b in zip(resumed.state_dict().values(), whole.state_dict().values(), strict=True):
