@@ -148,22 +148,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     distributed.init_from_env(args.device)
     main = distributed.is_main_process()
     world = distributed.process_info().world_size
-    # One process: the training state is saved after every epoch beside the model, and the same
-    # command resumes it after a crash (or trains longer with a larger --max-epochs).
-    state_path = None
-    if world == 1:
-        out = Path(args.out)
-        if out.exists() and not out.is_dir():
-            raise CLIError(f"cannot save to {out}: it is a file, a model is a directory")
-        out.mkdir(parents=True, exist_ok=True)
-        state_path = out / TRAINING_STATE
-        if args.overwrite:
-            state_path.unlink(missing_ok=True)
     if main:
         print(f"training {args.method.upper()} ({args.estimator}) on {info['n_valid']:,} valid simulations of "
               f"{info['simulator']}" + (f" with {world} processes" if world > 1 else ""), flush=True)
-        if state_path is not None and state_path.exists():
-            print(f"resuming the training saved in {state_path}", flush=True)
+    state_path = _training_state(args) if world == 1 else None
     # --seed decides everything: the initial weights as well as the split and the batches.
     torch.manual_seed(args.seed)
     try:
@@ -187,6 +175,22 @@ def _cmd_train(args: argparse.Namespace) -> int:
     # Only after success: a failed process just exits, and torchrun stops the others.
     distributed.shutdown()
     return _interrupted_training(history, "model", resumable=state_path is not None)
+
+
+def _training_state(args: argparse.Namespace) -> Path:
+    """``OUT/training_state.pt``, where one training process saves its state after every epoch
+    and from which the same command resumes after a crash (or trains on with a larger
+    --max-epochs). Creates OUT; --overwrite discards a state already there."""
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"cannot save to {out}: it is a file, a model is a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    state_path = out / TRAINING_STATE
+    if args.overwrite:
+        state_path.unlink(missing_ok=True)
+    elif state_path.exists():
+        print(f"resuming the training saved in {state_path}", flush=True)
+    return state_path
 
 
 def _interrupted_training(history: Any, what: str, resumable: bool = False) -> int:
@@ -315,6 +319,7 @@ def _cmd_train_emulator(args: argparse.Namespace) -> int:
     from sbi_gen.checkpoint import save_emulator
     from sbi_gen.emulator import FAMILIES, train_emulator
     from sbi_gen.store import read_info
+    from sbi_gen.train import TrainingStateError
 
     hyperparameters = _json_object(args.hyperparameters, "--hyperparameters", '{"channels": [16, 32]}')
     info = read_info(args.data)
@@ -330,19 +335,23 @@ def _cmd_train_emulator(args: argparse.Namespace) -> int:
         transform = {"pixel_transform": "shifted_log", "pixel_shift": float(shift)}
     elif args.pixel_shift is not None:
         raise CLIError("--pixel-shift goes with --pixel-transform shifted_log")
-    print(f"training a {args.family} emulator on {info['n_valid']:,} valid maps of {info['simulator']}")
+    print(f"training a {args.family} emulator on {info['n_valid']:,} valid maps of {info['simulator']}", flush=True)
+    state_path = _training_state(args)
     import torch
 
     torch.manual_seed(args.seed)  # --seed decides the initial weights too
     try:
-        emulator, history = train_emulator(args.data, args.family, hyperparameters, config=config, **transform)
+        emulator, history = train_emulator(args.data, args.family, hyperparameters, config=config,
+                                           state_path=state_path, **transform)
+    except TrainingStateError as error:
+        raise CLIError(f"{error}, or pass --overwrite") from None
     except (TypeError, ValueError) as error:
         raise CLIError(str(error)) from None
     save_emulator(emulator, args.out, history)
     print(f"best validation loss {history.best_val_loss:.4f} at epoch {history.best_epoch + 1} "
           f"of {len(history.val_loss)} ({history.seconds:.1f} s)")
     print(f"emulator saved to {args.out}")
-    return _interrupted_training(history, "emulator")
+    return _interrupted_training(history, "emulator", resumable=True)
 
 
 def _cmd_emulate(args: argparse.Namespace) -> None:
@@ -569,7 +578,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", help="HDF5 training set of maps from `sbi-gen simulate`")
     p.add_argument("--family", choices=["diffusion", "vae"], default="diffusion", help="generative model (default diffusion)")
     p.add_argument("--hyperparameters", default=None, help="hyperparameters of the family as a JSON object")
-    p.add_argument("--out", required=True, help="output emulator directory")
+    p.add_argument("--out", required=True, help="output emulator directory (it also holds the training state, "
+                   f"{TRAINING_STATE}, from which the same command resumes)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="train from the start, discarding the training state OUT holds (by default a run resumes it)")
     p.add_argument("--pixel-transform", choices=["none", "shifted_log"], default="none",
                    help="shifted_log: learn ln(x + shift) of every pixel (exact for shifted-lognormal maps)")
     p.add_argument("--pixel-shift", type=float, default=None,

@@ -607,6 +607,7 @@ def train_emulator(
     config: TrainConfig | None = None,
     pixel_transform: str | None = None,
     pixel_shift: float | None = None,
+    state_path: str | os.PathLike[str] | None = None,
 ) -> tuple[MapEmulator, History]:
     """Train a :class:`MapEmulator` on an HDF5 training set of maps (valid rows only) with :func:`~sbi_gen.train.fit`.
 
@@ -620,6 +621,7 @@ def train_emulator(
         config: Training options (``None``: :func:`emulator_train_config` of the family).
         pixel_transform: ``None`` or ``"shifted_log"``, with ``pixel_shift`` (see :class:`MapEmulator`).
         pixel_shift: The shift of ``"shifted_log"``.
+        state_path: Resumable training: the state file of :func:`~sbi_gen.train.fit`.
 
     Returns:
         The trained emulator (in eval mode) and the training history.
@@ -638,7 +640,8 @@ def train_emulator(
     }
     emulator = MapEmulator(family, x_shape, theta_dim, hyperparameters, metadata=metadata,
                           pixel_transform=pixel_transform, pixel_shift=pixel_shift)
-    history = fit(emulator, data, config=config or emulator_train_config(family), y_key="x", c_key="theta")
+    history = fit(emulator, data, config=config or emulator_train_config(family), y_key="x", c_key="theta",
+                  state_path=state_path)
     return emulator.eval(), history
 
 

@@ -229,6 +229,12 @@ def test_cli_train_emulator_and_emulate(maps_file, tmp_path, capsys):
     ).stdout
     assert "vae emulator" in trained and "emulator saved to" in trained
     assert json.loads((model / "config.json").read_text())["format"] == "sbi_gen.emulator"
+    # The same command with a larger --max-epochs resumes the saved training state and trains on.
+    capsys.readouterr()
+    assert main(["train-emulator", str(maps_file), "--family", "vae", "--hyperparameters", json.dumps(TINY["vae"]),
+                 "--out", str(model), "--max-epochs", "3", "--batch-size", "32", "--quiet"]) == 0
+    assert f"resuming the training saved in {model / 'training_state.pt'}" in capsys.readouterr().out
+    assert len(json.loads((model / "config.json").read_text())["history"]["val_loss"]) == 3
     done = sbi_gen(
         "emulate", model, "--theta", "0.3,0.8,-1", "--n", 6, "--out", out, "--seed", 3, "--figure", figure
     ).stdout
