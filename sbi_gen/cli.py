@@ -477,7 +477,7 @@ _positive_float = _positive_number("number")
 _non_negative_float = _positive_number("number", allow_zero=True)
 
 
-# Beside a model from `sbi-gen train`: the state its training resumes from (sbi_gen.train.fit's state_path).
+# Beside a model from `sbi-gen train` or `train-emulator`: the state its training resumes from (fit's state_path).
 TRAINING_STATE = "training_state.pt"
 _TRAINING_OPTIONS = ("batch_size", "learning_rate", "max_epochs", "patience", "min_delta")
 
