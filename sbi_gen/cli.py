@@ -316,6 +316,8 @@ def _cmd_plot(args: argparse.Namespace) -> None:
 
 
 def _cmd_train_emulator(args: argparse.Namespace) -> int:
+    import torch
+
     from sbi_gen.checkpoint import save_emulator
     from sbi_gen.emulator import FAMILIES, train_emulator
     from sbi_gen.store import read_info
@@ -337,8 +339,6 @@ def _cmd_train_emulator(args: argparse.Namespace) -> int:
         raise CLIError("--pixel-shift goes with --pixel-transform shifted_log")
     print(f"training a {args.family} emulator on {info['n_valid']:,} valid maps of {info['simulator']}", flush=True)
     state_path = _training_state(args)
-    import torch
-
     torch.manual_seed(args.seed)  # --seed decides the initial weights too
     try:
         emulator, history = train_emulator(args.data, args.family, hyperparameters, config=config,

@@ -245,7 +245,8 @@ class _Method(abc.ABC):
             self._train_family(AUTO_FAMILY_UNRACED, training_data, x_shape, config, state_path)
             self.metadata.update(
                 estimator_selection={}, estimator_race_epochs=0, estimator_race_seconds=0.0,
-                estimator_race_interrupted=False, estimator_unraced=f"{embedding} embedding: each family would train its own {embedding.upper()}",
+                estimator_race_interrupted=False,
+                estimator_unraced=f"{embedding} embedding: each family would train its own {embedding.upper()}",
             )
             return self.history
         race_epochs = _race_epochs(n_rows, config)

@@ -64,6 +64,7 @@ except ImportError:  # pragma: no cover - isal is a dependency; zlib gives the s
 __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
+    "RUN_KEYS",
     "SimulationSummary",
     "StoreError",
     "TrainingSet",
@@ -78,7 +79,7 @@ FORMAT_VERSION = 1
 _SHARD = "chunk-{:07d}.bin"
 _MANIFEST = "run.json"
 # The fields that identify a run: a resume or re-run must agree on all of them.
-_RUN_KEYS = ("simulator", "simulator_version", "simulator_config", "prior", "seed", "n_simulations", "chunk_size")
+RUN_KEYS = ("simulator", "simulator_version", "simulator_config", "prior", "seed", "n_simulations", "chunk_size")
 
 
 class StoreError(ValueError):
@@ -168,7 +169,7 @@ def _same_prior(a: Any, b: Any) -> bool:
 
 def _differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     return [
-        key for key in _RUN_KEYS
+        key for key in RUN_KEYS
         if not (_same_prior(a.get(key), b.get(key)) if key == "prior" else a.get(key) == b.get(key))
     ]
 

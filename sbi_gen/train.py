@@ -53,7 +53,7 @@ from sbi_gen.distributed import (
     shard,
     wrap_for_training,
 )
-from sbi_gen.store import load, read_info, train_val_split
+from sbi_gen.store import RUN_KEYS, load, read_info, train_val_split
 from sbi_gen.streaming import ChunkStream, chunk_layout, read_blocks, valid_counts
 
 __all__ = ["History", "TrainConfig", "default_streaming_threshold", "fit", "resolve_device", "with_overrides"]
@@ -307,7 +307,7 @@ def _rows_digest(y: Tensor, c: Tensor) -> str:
 
 
 def _streamed(path: Any, config: TrainConfig, device: torch.device, y_key: str, c_key: str) -> _Batches:
-    read_info(path)  # a missing, unfinished or foreign file fails here with its one-line reason
+    file_info = read_info(path)  # a missing, unfinished or foreign file fails here with its one-line reason
     layout = chunk_layout(path, (y_key, c_key))
     if layout.n_blocks < 2:
         raise ValueError(
@@ -347,9 +347,7 @@ def _streamed(path: Any, config: TrainConfig, device: torch.device, y_key: str, 
         y, c = read_blocks(path, order[:take], layout, y_key, c_key)
         return y.to(device), c.to(device)
 
-    file_info = read_info(path)
-    run = {key: file_info.get(key) for key in ("simulator", "simulator_version", "simulator_config", "prior", "seed",
-                                               "n_simulations", "chunk_size")}
+    run = {key: file_info.get(key) for key in RUN_KEYS}
     return _Batches(
         train=lambda epoch: on_device(train_stream.batches(epoch, limit=steps)),
         val=lambda: on_device(val_stream.batches(0)),
@@ -418,9 +416,9 @@ def fit(
             schedule, history, random states) is written after every epoch, atomically. If it
             exists, training resumes after its last epoch and ends exactly as an uninterrupted
             run would (a :class:`TrainingStateError` if it belongs to another estimator,
-            configuration or data set; ``max_epochs`` may differ, to train longer). Not under ``torchrun``. The
-            file stays when training ends, so a finished run is not redone; delete it to train
-            again.
+            configuration or data set; ``max_epochs`` may differ, to train longer). Not under
+            ``torchrun``. The file stays when training ends, so a finished run is not redone;
+            delete it to train again.
 
     Rows with non-finite values (and rows of a file flagged invalid) are dropped; the best
     weights (lowest validation loss) are loaded back into ``estimator`` at the end.
@@ -486,11 +484,15 @@ class _TrainingState:
         try:
             saved = torch.load(self.path, map_location="cpu", weights_only=True)
         except Exception as error:  # any unreadable file gets the same one-line reason
-            raise TrainingStateError(f"{self.path} is not a readable training state ({str(error).splitlines()[0]}); "
-                             "delete it to train from the start") from None
+            raise TrainingStateError(
+                f"{self.path} is not a readable training state ({str(error).splitlines()[0]}); "
+                "delete it to train from the start"
+            ) from None
         if not isinstance(saved, dict) or saved.get("fingerprint") != self.fingerprint:
-            raise TrainingStateError(f"{self.path} is the state of another training (estimator, settings or data differ); "
-                             "delete it to train from the start")
+            raise TrainingStateError(
+                f"{self.path} is the state of another training (estimator, settings or data differ); "
+                "delete it to train from the start"
+            )
         return saved
 
     def save(self, state: dict[str, Any]) -> None:
@@ -543,11 +545,12 @@ def _train(
         if device.type == "cuda" and "cuda_rng" in saved:
             torch.cuda.set_rng_state(saved["cuda_rng"], device)
     first_epoch = len(history.val_loss)
-    finished = history.stopped_early or first_epoch >= config.max_epochs
-    bar = _progress(config, initial=first_epoch) if info.rank == 0 and not finished else None
+    # A state that stopped early is finished, whatever max_epochs says now.
+    last_epoch = first_epoch if history.stopped_early else max(first_epoch, config.max_epochs)
+    bar = _progress(config, initial=first_epoch) if info.rank == 0 and last_epoch > first_epoch else None
     started = time.perf_counter()
     try:
-        for epoch in range(first_epoch, config.max_epochs if not finished else first_epoch):
+        for epoch in range(first_epoch, last_epoch):
             step.train()
             running = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of batch losses, batches]
             with contextlib.closing(batches.train(epoch)) as train_batches:

@@ -1,5 +1,6 @@
 """The command line through real subprocesses: outputs, one-line errors, kill -9 and resume."""
 
+import contextlib
 import json
 import os
 import signal
@@ -160,6 +161,18 @@ def test_train_and_sample_end_to_end(tmp_path):
                           "expected a non-negative number, got -0.1")
 
 
+@contextlib.contextmanager
+def _cli_process(args, **options):
+    """A real `sbi-gen` process in its own session; killed with its group if still running on exit."""
+    proc = subprocess.Popen([sys.executable, "-m", "sbi_gen.cli", *map(str, args)], cwd=ROOT, start_new_session=True,
+                            **options)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
 def _read_until(stream, marker: bytes, timeout: float) -> bytes:
     """Bytes of ``stream`` (a pipe) up to and including the first ``marker``; AssertionError on timeout."""
     import select
@@ -185,21 +198,15 @@ def test_ctrl_c_during_training_saves_the_best_weights_so_far(tmp_path):
     data = tmp_path / "moons.h5"
     sbi_gen("simulate", "two_moons", "--n", 20_000, "--out", data, "--seed", 0, "--quiet")
     model = tmp_path / "model"
-    command = [sys.executable, "-m", "sbi_gen.cli", "train", str(data), "--estimator", "nsf", "--out", str(model),
-               "--max-epochs", "100000", "--patience", "100000"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    command = ["train", data, "--estimator", "nsf", "--max-epochs", 100000, "--patience", 100000]
     # A shell's background job inherits SIGINT ignored, and Python then keeps it ignored: the
     # command gets Ctrl-C's default disposition, as in a terminal.
-    options = {"cwd": ROOT, "env": env, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "start_new_session": True,
+    options = {"env": {**os.environ, "PYTHONUNBUFFERED": "1"}, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE,
                "preexec_fn": lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)}
-    proc = subprocess.Popen(command, **options)
-    try:
+    with _cli_process([*command, "--out", model], **options) as proc:
         _read_until(proc.stderr, b"best=", timeout=120)  # the bar's postfix appears after the first epoch
         proc.send_signal(signal.SIGINT)
         stdout, stderr = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 130, stderr.decode()
     last = stderr.decode().strip().splitlines()[-1]
     assert last.startswith("sbi-gen: interrupted; the model saved holds the best weights of the"), last
@@ -211,14 +218,10 @@ def test_ctrl_c_during_training_saves_the_best_weights_so_far(tmp_path):
                    "--out", tmp_path / "samples.h5").returncode == 0
 
     # Interrupted before the first epoch ends (batches of 16: 1,125 steps, seconds): nothing saved, exit 130.
-    proc = subprocess.Popen([*command[:-4], "--out", str(tmp_path / "none"), "--batch-size", "16"], **options)
-    try:
+    with _cli_process([*command, "--out", tmp_path / "none", "--batch-size", 16], **options) as proc:
         _read_until(proc.stdout, b"training NPE", timeout=120)
         proc.send_signal(signal.SIGINT)
         _, stderr = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 130
     assert stderr.decode().strip().splitlines()[-1] == (
         "sbi-gen: interrupted; no model was saved (none is kept before the first epoch ends)"
@@ -260,20 +263,17 @@ def test_train_killed_with_sigkill_resumes_and_ends_as_an_uninterrupted_run(tmp_
     data = tmp_path / "moons.h5"
     sbi_gen("simulate", "two_moons", "--n", 3000, "--out", data, "--seed", 0, "--quiet")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same arithmetic in every run
+    command = ["train", data, "--estimator", "nsf", "--max-epochs", 12, "--batch-size", 64, "--quiet"]
 
     def train(out, *extra, check=True):
-        proc = subprocess.run([sys.executable, "-m", "sbi_gen.cli", "train", str(data), "--estimator", "nsf",
-                               "--max-epochs", "12", "--batch-size", "64", "--out", str(out), "--quiet", *extra],
+        proc = subprocess.run([sys.executable, "-m", "sbi_gen.cli", *map(str, [*command, "--out", out, *extra])],
                               capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
         assert not check or proc.returncode == 0, proc.stderr
         return proc
 
     train(tmp_path / "whole")
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "sbi_gen.cli", "train", str(data), "--estimator", "nsf",
-                             "--max-epochs", "12", "--batch-size", "64", "--out", str(killed), "--quiet"],
-                            cwd=ROOT, env=env, start_new_session=True)
-    try:
+    with _cli_process([*command, "--out", killed], env=env) as proc:
         deadline = time.monotonic() + 120
         while True:
             assert time.monotonic() < deadline and proc.poll() is None, "no second epoch was saved in time"
@@ -283,9 +283,6 @@ def test_train_killed_with_sigkill_resumes_and_ends_as_an_uninterrupted_run(tmp_
             time.sleep(0.05)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
     assert not (killed / "config.json").exists()  # killed before the model was saved
     out = train(killed).stdout
     assert f"resuming the training saved in {killed / 'training_state.pt'}" in out
