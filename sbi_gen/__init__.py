@@ -10,7 +10,7 @@ Example:
 
 __version__ = "0.1.0"
 
-from sbi_gen.priors import BoxUniform, Gaussian, IndependentPrior, Prior, prior_from_dict, prior_from_json
+from sbi_gen.priors import BoxUniform, Gaussian, IndependentPrior, PointMass, Prior, prior_from_dict, prior_from_json
 from sbi_gen.simulate import Simulator, as_simulator, simulate
 from sbi_gen.store import StoreError, TrainingSet, load, read_info, simulate_to_hdf5, train_val_split
 
@@ -18,6 +18,7 @@ __all__ = [
     "BoxUniform",
     "Gaussian",
     "IndependentPrior",
+    "PointMass",
     "Prior",
     "Simulator",
     "StoreError",

@@ -57,6 +57,25 @@ def _simulator(name: str, config: str | None) -> Any:
         raise CLIError(f"bad --config for simulator {name!r}: {error}") from None
 
 
+def _parameters(text: str, names: Sequence[str], prior: Any, takes: str, prior_is: str) -> Any:
+    """The parameter vector given as ``--theta a,b,...``: one value per name, finite and inside
+    ``prior`` (when there is one), or a one-line error."""
+    import numpy as np
+    import torch
+
+    try:
+        theta = np.array([float(v) for v in text.split(",")])
+    except ValueError:
+        raise CLIError(f"--theta must be comma-separated numbers, got {text!r}") from None
+    if len(theta) != len(names):
+        raise CLIError(f"--theta has {len(theta)} values but {takes} {len(names)} ({', '.join(names)})")
+    if not np.isfinite(theta).all():
+        raise CLIError("--theta contains NaN or infinite values")
+    if prior is not None and not torch.isfinite(prior.log_prob(torch.as_tensor(theta, dtype=torch.float32))):
+        raise CLIError(f"--theta {text} lies outside {prior_is}: {prior.to_json()}")
+    return theta
+
+
 def _cmd_simulators(args: argparse.Namespace) -> None:
     import simulators
 
@@ -71,12 +90,21 @@ def _cmd_simulate(args: argparse.Namespace) -> None:
     from sbi_gen.store import simulate_to_hdf5
 
     simulator = _simulator(args.simulator, args.config)
+    prior = None
+    if args.theta is not None:
+        from sbi_gen.priors import PointMass
+
+        default = simulator.prior
+        value = _parameters(args.theta, default.names, default, f"{simulator.name} has",
+                            f"the prior of {simulator.name}, where its simulations are meant to be")
+        prior = PointMass(value, names=default.names, units=default.units)
     on_dask = args.scheduler is not None or args.dask_local is not None
     summary = simulate_to_hdf5(
         simulator,
         n=args.n,
         path=args.out,
         seed=args.seed,
+        prior=prior,
         chunk_size=args.chunk_size,
         workers=args.workers,
         overwrite=args.overwrite,
@@ -123,7 +151,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from sbi_gen import distributed
     from sbi_gen.checkpoint import save
     from sbi_gen.estimators import ESTIMATORS
-    from sbi_gen.inference import AUTO, AUTO_FAMILIES, NLE, NPE
+    from sbi_gen.inference import AUTO, AUTO_FAMILIES, NLE, NPE, check_drawn_from_prior
+    from sbi_gen.priors import prior_from_dict
     from sbi_gen.store import read_info
     from sbi_gen.train import TrainingStateError
 
@@ -133,6 +162,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.estimator not in ESTIMATORS and args.estimator != AUTO:
         raise CLIError(f"unknown estimator {args.estimator!r}; known: {', '.join(sorted(ESTIMATORS))}, or {AUTO}")
     info = read_info(args.data)
+    check_drawn_from_prior(prior_from_dict(info["prior_decoded"]), args.data)
     estimator_kwargs = _json_object(args.estimator_kwargs, "--estimator-kwargs", '{"transforms": 3}')
     if estimator_kwargs and args.estimator == AUTO:
         raise CLIError(f"--estimator-kwargs set the hyperparameters of one family: name it with --estimator (e.g. nsf) "
@@ -203,7 +233,7 @@ def _interrupted_training(history: Any, what: str, resumable: bool = False) -> i
     return 130
 
 
-def _read_observation(path: str, index: int) -> Any:
+def _read_observation(path: str, index: int | str) -> Any:
     import numpy as np
 
     from sbi_gen.store import load
@@ -213,6 +243,14 @@ def _read_observation(path: str, index: int) -> Any:
             return np.load(path, allow_pickle=False)
         except (OSError, ValueError) as error:
             raise CLIError(f"cannot read the observation {path}: {error}") from None
+    if index == "all":
+        data = load(path, valid_only=True)
+        if len(data) == 0:
+            raise CLIError(f"{path} holds no valid observation")
+        # One θ behind every row (a file from `simulate --theta`) is the truth of the combined posterior.
+        same_theta = bool((data.theta == data.theta[0]).all())
+        x_obs = data.x[0] if len(data) == 1 else data.x
+        return x_obs, data.theta[0] if same_theta else None
     data = load(path, valid_only=False)
     if not 0 <= index < len(data):
         raise CLIError(f"--index {index} is out of range: {path} holds {len(data)} observations")
@@ -253,10 +291,13 @@ def _cmd_sample(args: argparse.Namespace) -> None:
 
 def _cmd_diagnose(args: argparse.Namespace) -> None:
     from sbi_gen.checkpoint import load_model
+    from sbi_gen.inference import check_drawn_from_prior
+    from sbi_gen.priors import prior_from_dict
     from sbi_gen.report import diagnose
-    from sbi_gen.store import load
+    from sbi_gen.store import load, read_info
 
     model = load_model(args.model, device=args.device)
+    check_drawn_from_prior(prior_from_dict(read_info(args.data)["prior_decoded"]), args.data)
     data = load(args.data, valid_only=True)
     if tuple(data.x.shape[1:]) != tuple(model.x_shape or ()):
         raise CLIError(f"{args.data} holds x of shape {tuple(data.x.shape[1:])} but the model expects {tuple(model.x_shape or ())}")
@@ -362,21 +403,13 @@ def _cmd_emulate(args: argparse.Namespace) -> None:
     from sbi_gen.checkpoint import load_emulator
 
     emulator = load_emulator(args.model, device=args.device)
-    try:
-        theta = np.array([float(v) for v in args.theta.split(",")])
-    except ValueError:
-        raise CLIError(f"--theta must be comma-separated numbers, got {args.theta!r}") from None
     names = emulator.metadata.get("parameter_names") or [f"theta_{i}" for i in range(emulator.theta_dim)]
-    if len(theta) != emulator.theta_dim:
-        raise CLIError(f"--theta has {len(theta)} values but the emulator takes {emulator.theta_dim} ({', '.join(names)})")
-    if not np.isfinite(theta).all():
-        raise CLIError("--theta contains NaN or infinite values")
+    prior = None
     if emulator.metadata.get("prior"):
         from sbi_gen.priors import prior_from_dict
 
         prior = prior_from_dict(emulator.metadata["prior"])
-        if not torch.isfinite(prior.log_prob(torch.as_tensor(theta, dtype=torch.float32))):
-            raise CLIError(f"--theta {args.theta} lies outside the prior the emulator was trained on: {prior}")
+    theta = _parameters(args.theta, names, prior, "the emulator takes", "the prior the emulator was trained on")
     maps = emulator.sample(torch.as_tensor(theta, dtype=torch.float32), args.n, seed=args.seed).cpu().numpy()
     with h5py.File(args.out, "w") as f:
         f.create_dataset("maps", data=maps.astype(np.float32), compression="gzip", compression_opts=1)
@@ -456,6 +489,16 @@ _positive_int = _integer_at_least(1, "positive")
 _non_negative_int = _integer_at_least(0, "non-negative")
 
 
+def _row_index(text: str) -> int | str:
+    """An argparse type: a row number, or ``all``."""
+    if text == "all":
+        return text
+    try:
+        return _non_negative_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a row number or all, got {text!r}") from None
+
+
 def _positive_number(what: str, allow_zero: bool = False) -> Callable[[str], float]:
     """An argparse type: a positive (or non-negative) number, with a one-line message otherwise."""
     kind = "non-negative" if allow_zero else "positive"
@@ -511,6 +554,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=_positive_int, default=1, help="local worker processes (default 1)")
     p.add_argument("--chunk-size", type=_positive_int, default=1000, help="simulations per chunk (default 1000)")
     p.add_argument("--config", default=None, help="simulator configuration as a JSON object")
+    p.add_argument("--theta", default=None,
+                   help="simulate at these parameters, comma-separated, instead of drawing them from the prior: "
+                   "observations with known truth, e.g. k i.i.d. ones for NLE (use --theta=-1,... when the first is negative)")
     p.add_argument("--compression", choices=["gzip", "none"], default="gzip", help="gzip (default, done by the workers) or none (each chunk written once, in place: "
                    "the fastest for cheap simulators, larger files)")
     p.add_argument("--overwrite", action="store_true", help="replace a different existing file or unfinished run")
@@ -547,8 +593,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="sample the posterior of an observation with a trained model")
     p.add_argument("model", help="model directory from `sbi-gen train`")
     p.add_argument("--obs", required=True, help="observation: a .npy file or an HDF5 file in the training-set format; "
-                   "for NLE, a .npy of shape (k, *x_shape) holds k i.i.d. observations of one θ")
-    p.add_argument("--index", type=_non_negative_int, default=0, help="row of the HDF5 observation file (default 0)")
+                   "for NLE, a .npy of shape (k, *x_shape) holds k i.i.d. observations of one θ (or see --index all)")
+    p.add_argument("--index", type=_row_index, default=0,
+                   help="row of the HDF5 observation file (default 0), or all: for NLE, every valid row as i.i.d. "
+                   "observations of one θ (e.g. a file from `sbi-gen simulate --theta`)")
     p.add_argument("--n", type=_positive_int, default=10_000, help="number of posterior samples")
     p.add_argument("--out", required=True, help="output HDF5 file of samples")
     p.add_argument("--device", default="cpu")

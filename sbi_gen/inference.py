@@ -35,7 +35,7 @@ from torch.distributions import Distribution
 from sbi_gen.estimators import DEFAULT_ESTIMATOR, ESTIMATORS, ConditionalEstimator, build_estimator
 from sbi_gen.mcmc import MCMCResult, run_mcmc
 from sbi_gen.nn import default_embedding
-from sbi_gen.priors import Prior, prior_from_dict
+from sbi_gen.priors import PointMass, Prior, prior_from_dict
 from sbi_gen.store import TrainingSet, load, read_info
 from sbi_gen.train import History, TrainConfig, fit, resolve_device
 
@@ -111,6 +111,16 @@ def _race_epochs(n_rows: int, config: TrainConfig) -> int:
 
 def _finite_or_inf(value: float) -> float:
     return value if math.isfinite(value) else math.inf
+
+
+def check_drawn_from_prior(prior: Prior, path: str | os.PathLike[str] | None = None) -> None:
+    """Raise a ``ValueError`` if ``prior`` is a :class:`~sbi_gen.priors.PointMass`: simulations
+    at one fixed θ (``sbi-gen simulate --theta``) are observations, and neither training nor
+    calibration (which needs θ drawn from the prior) can use them. ``path`` names the file."""
+    if isinstance(prior, PointMass):
+        where = f"{path} holds" if path is not None else "these are"
+        raise ValueError(f"{where} simulations at one fixed θ {prior.to_dict()['value']}: observations, not "
+                         f"simulations from a prior (simulate those without --theta)")
 
 
 class _Method(abc.ABC):
@@ -201,6 +211,7 @@ class _Method(abc.ABC):
             }
         if self.prior is None:
             raise ValueError("no prior: pass prior= or train from an HDF5 training set, which records its prior")
+        check_drawn_from_prior(self.prior, data if isinstance(data, (str, os.PathLike)) else None)
         if theta_shape[1] != self.prior.dim:
             raise ValueError(f"theta has {theta_shape[1]} parameters but the prior has {self.prior.dim}")
         x_shape = x_shape_full[1:]

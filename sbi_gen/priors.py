@@ -44,6 +44,7 @@ __all__ = [
     "BoxUniform",
     "Gaussian",
     "IndependentPrior",
+    "PointMass",
     "Prior",
     "prior_from_dict",
     "prior_from_json",
@@ -368,6 +369,78 @@ class IndependentPrior(Prior):
         return {"type": "IndependentPrior", "factors": factors, "names": self.names, "units": self.units}
 
 
+class _EqualTo(constraints.Constraint):
+    """The one point ``value``: the support of :class:`PointMass`."""
+
+    event_dim = 1
+
+    def __init__(self, value: Tensor):
+        self.value = value
+        super().__init__()
+
+    def check(self, value: Tensor) -> Tensor:
+        return (torch.as_tensor(value, dtype=self.value.dtype) == self.value).all(dim=-1)
+
+
+class PointMass(Prior):
+    r"""All mass on one parameter vector: simulations at a fixed :math:`\theta`.
+
+    Not a prior to train on: it is how a file of observations at chosen parameters (``sbi-gen
+    simulate SIMULATOR --theta ...``, or :func:`~sbi_gen.store.simulate_to_hdf5` with
+    ``prior=PointMass(theta)``) records where its θ came from, in the training-set format.
+    NPE and NLE refuse to train on such a file. It has no bijection to :math:`\mathbb{R}^D`.
+
+    Arguments:
+        value: The parameters, shape ``(D,)``.
+        names: Parameter names.
+        units: Parameter units.
+
+    Example:
+        >>> prior = PointMass([0.3, 0.8], names=["a", "b"])
+        >>> prior.sample((2,))
+        tensor([[0.3000, 0.8000],
+                [0.3000, 0.8000]])
+        >>> prior.log_prob(torch.tensor([[0.3, 0.8], [0.3, 0.7]]))
+        tensor([0., -inf])
+    """
+
+    def __init__(self, value: Sequence[float] | Tensor, names: Sequence[str] | None = None,
+                 units: Sequence[str] | None = None):
+        self.value = torch.as_tensor(value, dtype=torch.get_default_dtype()).reshape(-1)
+        if self.value.numel() == 0 or not torch.isfinite(self.value).all():
+            raise ValueError(f"a point mass needs finite parameters, got {self.value.tolist()}")
+        super().__init__(self.value.numel(), names, units)
+
+    @property
+    def support(self) -> constraints.Constraint:
+        return _EqualTo(self.value)
+
+    @property
+    def transform(self) -> Transform:
+        raise ValueError("a point mass has no bijection to R^D: it is not a prior to train or run MCMC on")
+
+    @property
+    def mean(self) -> Tensor:
+        return self.value
+
+    @property
+    def variance(self) -> Tensor:
+        return torch.zeros_like(self.value)
+
+    def sample(self, sample_shape: torch.Size | Sequence[int] = torch.Size()) -> Tensor:
+        return self.value.expand(torch.Size(sample_shape) + self.event_shape).clone()
+
+    def sample_numpy(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        return np.repeat(self.value.double().numpy()[None], n, axis=0)
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        at_point = self.support.check(value)
+        return torch.where(at_point, 0.0, -torch.inf).to(self.value.dtype)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": "PointMass", "value": _plain(self.value), "names": self.names, "units": self.units}
+
+
 def prior_from_dict(spec: dict[str, Any]) -> Prior:
     """Rebuild a prior from :meth:`Prior.to_dict` output.
 
@@ -391,7 +464,9 @@ def prior_from_dict(spec: dict[str, Any]) -> Prior:
             cls, args = _UNIVARIATE[factor["type"]]
             factors.append(cls(*[torch.tensor(float(factor[a])) for a in args]))
         return IndependentPrior(factors, names=names, units=units)
-    raise ValueError(f"unknown prior type {kind!r}; known: BoxUniform, Gaussian, IndependentPrior")
+    if kind == "PointMass":
+        return PointMass(spec["value"], names=names, units=units)
+    raise ValueError(f"unknown prior type {kind!r}; known: BoxUniform, Gaussian, IndependentPrior, PointMass")
 
 
 def prior_from_json(text: str) -> Prior:

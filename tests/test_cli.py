@@ -11,8 +11,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import torch
 
-from sbi_gen.store import read_info
+from sbi_gen.store import load, read_info
 from tests.test_store import _wait_for_chunks
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -230,9 +231,12 @@ def test_ctrl_c_during_training_saves_the_best_weights_so_far(tmp_path):
     assert not (tmp_path / "none" / "config.json").exists() and not (tmp_path / "none" / "training_state.pt").exists()
 
 
-def test_nle_samples_the_posterior_of_several_iid_observations_from_a_npy(tmp_path):
-    """`sbi-gen sample` with a .npy of k observations: NLE combines them (its MCMC runs on the
-    summed log-likelihoods) and writes them all; NPE, which conditions on one, says to use NLE."""
+def test_nle_samples_the_posterior_of_several_iid_observations(tmp_path):
+    """`sbi-gen sample` with a .npy of k observations, or with `--index all` on a file simulated
+    at one θ by `simulate --theta`: NLE combines them (its MCMC runs on the summed
+    log-likelihoods) and writes them all, with the common θ as the truth; NPE, which conditions on
+    one, says to use NLE. A file at one θ is refused for training and diagnostics, and a --theta
+    of the wrong length, outside the prior or not numbers is refused in one line."""
     data = tmp_path / "moons.h5"
     sbi_gen("simulate", "two_moons", "--n", 2000, "--out", data, "--seed", 0, "--quiet")
     small = '{"transforms": 2, "hidden_features": [32, 32]}'
@@ -247,6 +251,31 @@ def test_nle_samples_the_posterior_of_several_iid_observations_from_a_npy(tmp_pa
         assert f["samples"].shape == (200, 2) and f["x_obs"].shape == (3, 2) and f.attrs["method"] == "nle"
     assert_one_line_error(sbi_gen("sample", tmp_path / "npe", "--obs", events, "--out", tmp_path / "p.h5", check=False),
                           "x_obs holds 3 observations of shape (2,), but NPE conditions on one", "train NLE")
+
+    # The same from `simulate --theta` (k observations at one chosen θ) and `sample --index all`.
+    at_theta = tmp_path / "at_theta.h5"
+    sbi_gen("simulate", "two_moons", "--theta=-0.2,0.3", "--n", 4, "--out", at_theta, "--seed", 1, "--quiet")
+    observed = load(at_theta)
+    assert observed.theta.shape == (4, 2) and (observed.theta == torch.tensor([-0.2, 0.3])).all()
+    assert read_info(at_theta)["prior_decoded"]["type"] == "PointMass"
+    out = sbi_gen("sample", tmp_path / "nle", "--obs", at_theta, "--index", "all", "--n", 200,
+                  "--out", tmp_path / "s4.h5").stdout
+    assert "true" in out and "-0.2" in out
+    with h5py.File(tmp_path / "s4.h5") as f:
+        assert f["x_obs"].shape == (4, 2) and f["theta_true"][()].tolist() == pytest.approx([-0.2, 0.3])
+        np.testing.assert_array_equal(f["x_obs"][()], observed.x.numpy())
+    assert_one_line_error(sbi_gen("sample", tmp_path / "npe", "--obs", at_theta, "--index", "all",
+                                  "--out", tmp_path / "p.h5", check=False), "x_obs holds 4 observations", "train NLE")
+    fixed = f"{at_theta} holds simulations at one fixed θ [-0.2, 0.3]: observations, not simulations from a prior"
+    assert_one_line_error(sbi_gen("train", at_theta, "--out", tmp_path / "bad", check=False), fixed)
+    assert not (tmp_path / "bad").exists()
+    assert_one_line_error(sbi_gen("diagnose", tmp_path / "npe", at_theta, "--out", tmp_path / "r", check=False), fixed)
+    for theta, message in [("2,0", "--theta 2,0 lies outside the prior of two_moons"),
+                           ("0.1", "--theta has 1 values but two_moons has 2 (theta_1, theta_2)"),
+                           ("0.1,nan", "--theta contains NaN"), ("a,b", "--theta must be comma-separated numbers")]:
+        assert_one_line_error(sbi_gen("simulate", "two_moons", f"--theta={theta}", "--n", 4,
+                                      "--out", tmp_path / "no.h5", check=False), message)
+    assert not (tmp_path / "no.h5").exists()
 
 
 def test_train_killed_with_sigkill_resumes_and_ends_as_an_uninterrupted_run(tmp_path):

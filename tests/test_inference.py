@@ -10,7 +10,7 @@ import torch
 import simulators
 from sbi_gen.c2st import c2st
 from sbi_gen.inference import NLE, NPE
-from sbi_gen.priors import BoxUniform, Gaussian
+from sbi_gen.priors import BoxUniform, Gaussian, PointMass
 from sbi_gen.simulate import as_simulator, simulate
 from sbi_gen.train import TrainConfig
 
@@ -204,6 +204,9 @@ def test_clear_errors_for_bad_use():
         npe.fit((np.zeros((20, 3)), np.zeros((20, 2))))
     with pytest.raises(ValueError, match="NLE models vector observations"):
         NLE(prior).fit((np.zeros((20, 2)), np.zeros((20, 4, 4))))
+    for method in (NPE, NLE):  # simulations at one θ are observations, not a training set
+        with pytest.raises(ValueError, match=r"these are simulations at one fixed θ \[0.5, 0.1\]"):
+            method(PointMass([0.5, 0.1])).fit((np.full((20, 2), [0.5, 0.1]), np.zeros((20, 2))))
 
 
 def test_default_estimators_differ_by_method():

@@ -4,7 +4,15 @@ import pytest
 import torch
 from torch.distributions import Gamma, Normal, Uniform
 
-from sbi_gen.priors import BoxUniform, Gaussian, IndependentPrior, prior_from_dict, prior_from_json, sample_prior
+from sbi_gen.priors import (
+    BoxUniform,
+    Gaussian,
+    IndependentPrior,
+    PointMass,
+    prior_from_dict,
+    prior_from_json,
+    sample_prior,
+)
 
 PRIORS = {
     "box": lambda: BoxUniform([60.0, 0.5, 1.0], [140.0, 2.0, 6.0], names=["m_X", "lam", "beta"], units=["GeV", "", ""]),
@@ -91,8 +99,26 @@ def test_sample_prior_is_reproducible_and_leaves_global_rng_alone():
         (lambda: Gaussian([0.0, 0.0], covariance=[[1.0, 2.0], [2.0, 1.0]]), "positive definite"),
         (lambda: Gaussian([0.0]), "exactly one"),
         (lambda: prior_from_dict({"type": "Cauchy"}), "unknown prior"),
+        (lambda: PointMass([0.0, float("nan")]), "finite"),
+        (lambda: PointMass([]), "finite"),
     ],
 )
 def test_bad_priors_are_refused_with_a_clear_message(build, match):
     with pytest.raises(ValueError, match=match):
         build()
+
+
+def test_point_mass_puts_every_draw_on_its_value_and_has_no_bijection():
+    """The "prior" of observations simulated at a fixed θ: every draw is the value, log_prob is 0
+    there and -inf elsewhere, its JSON round-trips, and asking for a bijection (training or MCMC)
+    is refused."""
+    prior = PointMass([0.2, -0.3], names=["a", "b"], units=["GeV", ""])
+    theta = sample_prior(prior, 7, seed=0)
+    assert theta.shape == (7, 2) and (theta == torch.tensor([0.2, -0.3])).all()
+    assert prior.log_prob(theta).eq(0).all() and prior.support.check(theta).all()
+    assert prior.log_prob(torch.tensor([0.2, -0.29])) == -math.inf
+    again = prior_from_json(prior.to_json())
+    assert isinstance(again, PointMass) and again.labels == ["a [GeV]", "b"]
+    assert again.to_dict()["value"] == [0.2, -0.3]
+    with pytest.raises(ValueError, match="no bijection"):
+        prior.transform  # noqa: B018
