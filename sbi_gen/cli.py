@@ -12,17 +12,27 @@ Example:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 __all__ = ["main"]
 
 
 class CLIError(Exception):
     """An error to report to the user as one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (and a pointer to --help) instead of the usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _json_object(text: str | None, flag: str, example: str) -> dict[str, Any]:
@@ -57,7 +67,7 @@ def _simulator(name: str, config: str | None) -> Any:
         raise CLIError(f"bad --config for simulator {name!r}: {error}") from None
 
 
-def _parameters(text: str, names: Sequence[str], prior: Any, takes: str, prior_is: str) -> Any:
+def _parameters(text: str, names: Sequence[str], prior: Any, takes: str, prior_is: str = "", flag: str = "--theta") -> Any:
     """The parameter vector given as ``--theta a,b,...``: one value per name, finite and inside
     ``prior`` (when there is one), or a one-line error."""
     import numpy as np
@@ -66,13 +76,13 @@ def _parameters(text: str, names: Sequence[str], prior: Any, takes: str, prior_i
     try:
         theta = np.array([float(v) for v in text.split(",")])
     except ValueError:
-        raise CLIError(f"--theta must be comma-separated numbers, got {text!r}") from None
+        raise CLIError(f"{flag} must be comma-separated numbers, got {text!r}") from None
     if len(theta) != len(names):
-        raise CLIError(f"--theta has {len(theta)} values but {takes} {len(names)} ({', '.join(names)})")
+        raise CLIError(f"{flag} has {len(theta)} values but {takes} {len(names)} ({', '.join(names)})")
     if not np.isfinite(theta).all():
-        raise CLIError("--theta contains NaN or infinite values")
+        raise CLIError(f"{flag} contains NaN or infinite values")
     if prior is not None and not torch.isfinite(prior.log_prob(torch.as_tensor(theta, dtype=torch.float32))):
-        raise CLIError(f"--theta {text} lies outside {prior_is}: {prior.to_json()}")
+        raise CLIError(f"{flag} {text} lies outside {prior_is}: {prior.to_json()}")
     return theta
 
 
@@ -116,6 +126,8 @@ def _cmd_simulate(args: argparse.Namespace) -> None:
         connect_timeout=args.connect_timeout,
     )
     print(summary)
+    if summary.n_valid == 0:
+        print(f"sbi-gen: warning: no simulation in {args.out} is valid; it cannot train a model", file=sys.stderr)
 
 
 def _cmd_info(args: argparse.Namespace) -> None:
@@ -163,6 +175,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         raise CLIError(f"unknown estimator {args.estimator!r}; known: {', '.join(sorted(ESTIMATORS))}, or {AUTO}")
     info = read_info(args.data)
     check_drawn_from_prior(prior_from_dict(info["prior_decoded"]), args.data)
+    _check_some_valid(info, args.data)
     estimator_kwargs = _json_object(args.estimator_kwargs, "--estimator-kwargs", '{"transforms": 3}')
     if estimator_kwargs and args.estimator == AUTO:
         raise CLIError(f"--estimator-kwargs set the hyperparameters of one family: name it with --estimator (e.g. nsf) "
@@ -178,10 +191,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     distributed.init_from_env(args.device)
     main = distributed.is_main_process()
     world = distributed.process_info().world_size
+    state_path = _training_state(args) if world == 1 else None
     if main:
         print(f"training {args.method.upper()} ({args.estimator}) on {info['n_valid']:,} valid simulations of "
               f"{info['simulator']}" + (f" with {world} processes" if world > 1 else ""), flush=True)
-    state_path = _training_state(args) if world == 1 else None
     # --seed decides everything: the initial weights as well as the split and the batches.
     torch.manual_seed(args.seed)
     try:
@@ -207,15 +220,30 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return _interrupted_training(history, "model", resumable=state_path is not None)
 
 
+def _check_some_valid(info: dict[str, Any], path: str) -> None:
+    if info["n_valid"] == 0:
+        raise CLIError(f"{path} has no valid simulation to train on: of {info['n_simulations']:,}, "
+                       f"{info['n_failed']:,} failed and {info['n_nonfinite']:,} gave non-finite values")
+
+
 def _training_state(args: argparse.Namespace) -> Path:
     """``OUT/training_state.pt``, where one training process saves its state after every epoch
     and from which the same command resumes after a crash (or trains on with a larger
-    --max-epochs). Creates OUT; --overwrite discards a state already there."""
+    --max-epochs); --overwrite discards a state already there. OUT is created by the first save,
+    so a run that fails before it leaves nothing. A saved model with no state to resume is kept
+    unless --overwrite, and a directory of other files is never written into."""
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise CLIError(f"cannot save to {out}: it is a file, a model is a directory")
-    out.mkdir(parents=True, exist_ok=True)
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise CLIError(f"cannot save to {out}: the directory {parent} does not exist")
     state_path = out / TRAINING_STATE
+    if out.is_dir() and any(out.iterdir()):
+        if not any((out / name).exists() for name in (TRAINING_STATE, *MODEL_FILES)):
+            raise CLIError(f"{out} is a directory of other files, not a model; choose a new --out")
+        if not state_path.exists() and not args.overwrite:
+            raise CLIError(f"{out} holds a saved model and no training to resume; pass --overwrite to replace it")
     if args.overwrite:
         state_path.unlink(missing_ok=True)
     elif state_path.exists():
@@ -233,16 +261,34 @@ def _interrupted_training(history: Any, what: str, resumable: bool = False) -> i
     return 130
 
 
-def _read_observation(path: str, index: int | str) -> Any:
+def _read_observation(path: str, index: int | str | None, model: Any) -> tuple[Any, Any]:
+    """``(x_obs, theta_true or None)`` from a .npy array or a row (or ``all`` valid rows) of an
+    HDF5 file of simulations, which must come from the simulator ``model`` was trained on."""
+    import h5py
     import numpy as np
 
-    from sbi_gen.store import load
+    from sbi_gen.store import load, read_info
 
+    if not Path(path).is_file():
+        raise CLIError(f"no such observation file: {path}" if not Path(path).exists() else f"{path} is not a file")
     if path.endswith(".npy"):
+        if index is not None:
+            raise CLIError("--index picks a row of an HDF5 observation file; a .npy holds the observation itself")
+        with open(path, "rb") as handle:
+            if handle.read(6) != b"\x93NUMPY":
+                raise CLIError(f"{path} is not a .npy array file (saved by numpy.save)")
         try:
-            return np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as error:
-            raise CLIError(f"cannot read the observation {path}: {error}") from None
+            x_obs = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as error:
+            raise CLIError(f"cannot read the observation {path}: {str(error) or 'the file is truncated'}") from None
+        if x_obs.dtype.kind not in "iuf":
+            raise CLIError(f"{path} holds {x_obs.dtype} values; an observation is real numbers")
+        return x_obs, None
+    if not h5py.is_hdf5(path):
+        raise CLIError(f"{path} is neither a .npy array nor an HDF5 file of simulations")
+    simulator, trained_on = read_info(path)["simulator"], model.metadata.get("simulator")
+    if trained_on and simulator != trained_on:
+        raise CLIError(f"{path} holds simulations of {simulator}, but the model was trained on {trained_on}")
     if index == "all":
         data = load(path, valid_only=True)
         if len(data) == 0:
@@ -251,10 +297,50 @@ def _read_observation(path: str, index: int | str) -> Any:
         same_theta = bool((data.theta == data.theta[0]).all())
         x_obs = data.x[0] if len(data) == 1 else data.x
         return x_obs, data.theta[0] if same_theta else None
+    index = index or 0
     data = load(path, valid_only=False)
     if not 0 <= index < len(data):
         raise CLIError(f"--index {index} is out of range: {path} holds {len(data)} observations")
+    if not data.valid[index]:
+        raise CLIError(f"row {index} of {path} is marked invalid (its simulation failed or gave non-finite values)")
     return data.x[index], data.theta[index]
+
+
+def _output_file(path: str, file_format: str, command: str, inputs: Sequence[str] = ()) -> Path:
+    """``--out`` of a command that writes one HDF5 file: a path whose directory exists, that is
+    not one of ``inputs`` and is either new or an earlier output of the same command (so no
+    training set, observation or model file is ever replaced by mistake)."""
+    import h5py
+
+    out = Path(path)
+    if out.is_dir():
+        raise CLIError(f"cannot write {out}: it is a directory")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise CLIError(f"cannot write {out}: the directory {parent} does not exist")
+    if any(Path(p).exists() and out.exists() and out.samefile(p) for p in inputs):
+        raise CLIError(f"--out {out} is one of this command's inputs; choose another file")
+    if out.exists():
+        try:
+            with h5py.File(out, "r") as f:
+                earlier = f.attrs.get("format") == file_format
+        except OSError:
+            earlier = False
+        if not earlier:
+            raise CLIError(f"{out} exists and was not written by `sbi-gen {command}`; remove it or choose another --out")
+    return out
+
+
+@contextlib.contextmanager
+def _written_atomically(out: Path) -> Iterator[Path]:
+    """A temporary path beside ``out`` that replaces it only once fully written: a failure
+    leaves any earlier ``out`` as it was."""
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _cmd_sample(args: argparse.Namespace) -> None:
@@ -263,13 +349,14 @@ def _cmd_sample(args: argparse.Namespace) -> None:
 
     from sbi_gen.checkpoint import load_model
 
+    out = _output_file(args.out, "sbi_gen.samples", "sample", inputs=[args.obs])
     model = load_model(args.model, device=args.device)
-    obs = _read_observation(args.obs, args.index)
-    x_obs, theta_true = obs if isinstance(obs, tuple) else (obs, None)
+    x_obs, theta_true = _read_observation(args.obs, args.index, model)
     posterior = model.posterior(x_obs)
     samples = posterior.sample((args.n,)).cpu().numpy()
     names = model.prior.names
-    with h5py.File(args.out, "w") as f:
+    mcmc = getattr(posterior, "mcmc", None)
+    with _written_atomically(out) as tmp, h5py.File(tmp, "w") as f:
         f.create_dataset("samples", data=samples, compression="gzip", compression_opts=1)
         f.create_dataset("x_obs", data=np.asarray(x_obs))
         if theta_true is not None:
@@ -279,14 +366,13 @@ def _cmd_sample(args: argparse.Namespace) -> None:
         f.attrs["parameter_labels"] = json.dumps(model.prior.labels)
         f.attrs["model"] = str(args.model)
         f.attrs["method"] = model.method
-        mcmc = getattr(posterior, "mcmc", None)
         if mcmc is not None:
             f.attrs["rhat"] = mcmc.rhat.cpu().numpy()
             f.attrs["ess"] = mcmc.ess.cpu().numpy()
     print(posterior_summary(samples, names, theta_true))
     if mcmc is not None:
         print(f"MCMC: max R-hat {float(mcmc.rhat.max()):.3f}, min ESS {float(mcmc.ess.min()):.0f}")
-    print(f"{args.n:,} samples written to {args.out}")
+    print(f"{args.n:,} samples written to {out}")
 
 
 def _cmd_diagnose(args: argparse.Namespace) -> None:
@@ -296,8 +382,20 @@ def _cmd_diagnose(args: argparse.Namespace) -> None:
     from sbi_gen.report import diagnose
     from sbi_gen.store import load, read_info
 
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"cannot write the report to {out}: it is a file, --out is a report directory")
     model = load_model(args.model, device=args.device)
-    check_drawn_from_prior(prior_from_dict(read_info(args.data)["prior_decoded"]), args.data)
+    info = read_info(args.data)
+    check_drawn_from_prior(prior_from_dict(info["prior_decoded"]), args.data)
+    trained = model.metadata
+    if trained.get("simulator") and info["simulator"] != trained["simulator"]:
+        raise CLIError(f"{args.data} holds simulations of {info['simulator']}, but the model was trained on {trained['simulator']}")
+    # The same seed gives the same first draws whatever n and chunk size: not held out.
+    if (trained.get("seed") is not None and info["seed"] == trained["seed"]
+            and (info["simulator"], info.get("simulator_config")) == (trained["simulator"], trained.get("simulator_config"))):
+        raise CLIError(f"{args.data} was simulated with the training set's seed ({info['seed']}), so its simulations "
+                       "are training simulations; simulate held-out ones with another --seed")
     data = load(args.data, valid_only=True)
     if tuple(data.x.shape[1:]) != tuple(model.x_shape or ()):
         raise CLIError(f"{args.data} holds x of shape {tuple(data.x.shape[1:])} but the model expects {tuple(model.x_shape or ())}")
@@ -331,8 +429,12 @@ def _cmd_plot(args: argparse.Namespace) -> None:
 
     from sbi_gen.plots import corner, save_figure
 
+    if args.label and len(args.label) != len(args.samples):
+        raise CLIError(f"{len(args.label)} --label for {len(args.samples)} samples files: give one per file, in order")
     sets, labels, truth = {}, None, None
     for i, path in enumerate(args.samples):
+        if not Path(path).is_file():
+            raise CLIError(f"no such samples file: {path}" if not Path(path).exists() else f"{path} is not a file")
         try:
             with h5py.File(path, "r") as f:
                 if f.attrs.get("format") != "sbi_gen.samples" or "samples" not in f:
@@ -348,10 +450,8 @@ def _cmd_plot(args: argparse.Namespace) -> None:
         labels = labels or file_labels
         truth = truth if truth is not None else file_truth
     if args.truth is not None:
-        try:
-            truth = np.array([float(v) for v in args.truth.split(",")])
-        except ValueError:
-            raise CLIError(f"--truth must be comma-separated numbers, got {args.truth!r}") from None
+        names = labels or [f"theta_{i + 1}" for i in range(np.shape(values)[-1])]
+        truth = _parameters(args.truth, names, None, "the samples have", flag="--truth")
     fig = corner(sets, labels=labels, truth=truth, title=args.title)
     print(f"corner plot written to {save_figure(fig, args.out)}")
 
@@ -366,6 +466,7 @@ def _cmd_train_emulator(args: argparse.Namespace) -> int:
 
     hyperparameters = _json_object(args.hyperparameters, "--hyperparameters", '{"channels": [16, 32]}')
     info = read_info(args.data)
+    _check_some_valid(info, args.data)
     config = _train_config(args, {"batch_size": 64, "max_epochs": 200, **FAMILIES[args.family].training_defaults})
     transform: dict[str, Any] = {}
     if args.pixel_transform == "shifted_log":
@@ -378,8 +479,8 @@ def _cmd_train_emulator(args: argparse.Namespace) -> int:
         transform = {"pixel_transform": "shifted_log", "pixel_shift": float(shift)}
     elif args.pixel_shift is not None:
         raise CLIError("--pixel-shift goes with --pixel-transform shifted_log")
-    print(f"training a {args.family} emulator on {info['n_valid']:,} valid maps of {info['simulator']}", flush=True)
     state_path = _training_state(args)
+    print(f"training a {args.family} emulator on {info['n_valid']:,} valid maps of {info['simulator']}", flush=True)
     torch.manual_seed(args.seed)  # --seed decides the initial weights too
     try:
         emulator, history = train_emulator(args.data, args.family, hyperparameters, config=config,
@@ -402,6 +503,7 @@ def _cmd_emulate(args: argparse.Namespace) -> None:
 
     from sbi_gen.checkpoint import load_emulator
 
+    out = _output_file(args.out, "sbi_gen.emulated_maps", "emulate")
     emulator = load_emulator(args.model, device=args.device)
     names = emulator.metadata.get("parameter_names") or [f"theta_{i}" for i in range(emulator.theta_dim)]
     prior = None
@@ -411,7 +513,7 @@ def _cmd_emulate(args: argparse.Namespace) -> None:
         prior = prior_from_dict(emulator.metadata["prior"])
     theta = _parameters(args.theta, names, prior, "the emulator takes", "the prior the emulator was trained on")
     maps = emulator.sample(torch.as_tensor(theta, dtype=torch.float32), args.n, seed=args.seed).cpu().numpy()
-    with h5py.File(args.out, "w") as f:
+    with _written_atomically(out) as tmp, h5py.File(tmp, "w") as f:
         f.create_dataset("maps", data=maps.astype(np.float32), compression="gzip", compression_opts=1)
         f.create_dataset("theta", data=theta)
         f.attrs["format"] = "sbi_gen.emulated_maps"
@@ -422,7 +524,7 @@ def _cmd_emulate(args: argparse.Namespace) -> None:
         f.attrs["parameter_names"] = json.dumps(list(names))
         f.attrs["simulator"] = str(emulator.metadata.get("simulator"))
     print(f"{args.n:,} emulated maps of shape {tuple(maps.shape[1:])} at "
-          f"{', '.join(f'{k} = {v:g}' for k, v in zip(names, theta))} written to {args.out}")
+          f"{', '.join(f'{k} = {v:g}' for k, v in zip(names, theta))} written to {out}")
     if args.figure:
         _emulation_figure(emulator, theta, maps, names, args)
 
@@ -489,6 +591,17 @@ _positive_int = _integer_at_least(1, "positive")
 _non_negative_int = _integer_at_least(0, "non-negative")
 
 
+def _seed(text: str) -> int:
+    """An argparse type: a seed the store and torch both take (0 to 2**63 - 1)."""
+    value = _non_negative_int(text)
+    if value > _MAX_SEED:
+        raise argparse.ArgumentTypeError(f"expected a seed from 0 to {_MAX_SEED}, got {value}")
+    return value
+
+
+_MAX_SEED = 2**63 - 1
+
+
 def _row_index(text: str) -> int | str:
     """An argparse type: a row number, or ``all``."""
     if text == "all":
@@ -510,6 +623,8 @@ def _positive_number(what: str, allow_zero: bool = False) -> Callable[[str], flo
             raise argparse.ArgumentTypeError(f"expected a {kind} {what}, got {text!r}") from None
         if not (value >= 0 if allow_zero else value > 0):
             raise argparse.ArgumentTypeError(f"expected a {kind} {what}, got {text}")
+        if value == float("inf"):
+            raise argparse.ArgumentTypeError(f"expected a finite {kind} {what}, got {text}")
         return value
 
     return parse
@@ -522,6 +637,8 @@ _non_negative_float = _positive_number("number", allow_zero=True)
 
 # Beside a model from `sbi-gen train` or `train-emulator`: the state its training resumes from (fit's state_path).
 TRAINING_STATE = "training_state.pt"
+# What sbi_gen.checkpoint writes into a model's directory.
+MODEL_FILES = ("config.json", "weights.pt")
 _TRAINING_OPTIONS = ("batch_size", "learning_rate", "max_epochs", "patience", "min_delta")
 
 
@@ -535,12 +652,12 @@ def _training_options(parser: argparse.ArgumentParser, defaults: str) -> None:
     parser.add_argument("--min-delta", type=_non_negative_float, default=None,
                         help="fall of the validation loss that counts as improvement: faster, slightly less accurate "
                         "(default: 0, any fall)")
-    parser.add_argument("--seed", type=_non_negative_int, default=0)
+    parser.add_argument("--seed", type=_seed, default=0)
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sbi-gen", description="Simulation-based inference with deep generative models.")
+    parser = _Parser(prog="sbi-gen", description="Simulation-based inference with deep generative models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("simulators", help="list the registered simulators")
@@ -550,7 +667,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("simulator", help="registered simulator name (see `sbi-gen simulators`)")
     p.add_argument("--n", type=_positive_int, required=True, help="number of simulations")
     p.add_argument("--out", required=True, help="output HDF5 file")
-    p.add_argument("--seed", type=_non_negative_int, default=None, help="root seed (default: random, recorded in the file)")
+    p.add_argument("--seed", type=_seed, default=None, help="root seed (default: random, recorded in the file)")
     p.add_argument("--workers", type=_positive_int, default=1, help="local worker processes (default 1)")
     p.add_argument("--chunk-size", type=_positive_int, default=1000, help="simulations per chunk (default 1000)")
     p.add_argument("--config", default=None, help="simulator configuration as a JSON object")
@@ -594,7 +711,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="model directory from `sbi-gen train`")
     p.add_argument("--obs", required=True, help="observation: a .npy file or an HDF5 file in the training-set format; "
                    "for NLE, a .npy of shape (k, *x_shape) holds k i.i.d. observations of one θ (or see --index all)")
-    p.add_argument("--index", type=_row_index, default=0,
+    p.add_argument("--index", type=_row_index, default=None,
                    help="row of the HDF5 observation file (default 0), or all: for NLE, every valid row as i.i.d. "
                    "observations of one θ (e.g. a file from `sbi-gen simulate --theta`)")
     p.add_argument("--n", type=_positive_int, default=10_000, help="number of posterior samples")
@@ -610,7 +727,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-samples", type=_positive_int, default=None, help="posterior draws per simulation (default 1000 for NPE, 500 for NLE)")
     p.add_argument("--ppc-draws", type=_non_negative_int, default=500, help="posterior draws simulated in the predictive check (0: skip)")
     p.add_argument("--c2st", type=_non_negative_int, default=0, help="observations compared by C2ST with the simulator's reference posterior")
-    p.add_argument("--seed", type=_non_negative_int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_cmd_diagnose)
 
@@ -643,7 +760,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--theta", required=True, help="parameters, comma-separated (use --theta=-1,... when the first is negative)")
     p.add_argument("--n", type=_positive_int, default=16, help="number of maps (default 16)")
     p.add_argument("--out", required=True, help="output HDF5 file (datasets maps and theta)")
-    p.add_argument("--seed", type=_non_negative_int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--figure", default=None, help="also simulate maps at theta and save a side-by-side figure with power spectra (PNG)")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_cmd_emulate)
@@ -655,13 +772,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message: Warning | str, *_: Any, **__: Any) -> None:
+    print(f"sbi-gen: warning: {message}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``sbi-gen``; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int | None] = args.func
     try:
-        status = func(args)
+        with warnings.catch_warnings():
+            # A warning is a line for the user, not a source location.
+            warnings.showwarning = _show_warning
+            status = func(args)
     except KeyboardInterrupt:
         kept = {
             "simulate": "finished chunks are kept, rerun the same command to resume",
@@ -670,7 +794,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         }.get(args.command)
         print(f"sbi-gen: interrupted{f'; {kept}' if kept else ''}", file=sys.stderr)
         return 130
-    except (CLIError, ValueError, KeyError, OSError, RuntimeError) as error:
+    except (CLIError, ValueError, KeyError, OSError, RuntimeError, FloatingPointError) as error:
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         print(f"sbi-gen: error: {message}", file=sys.stderr)
         return 2

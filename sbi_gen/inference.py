@@ -208,6 +208,7 @@ class _Method(abc.ABC):
                 "simulator_config": info.get("simulator_config"),
                 "observable_names": info.get("observable_names_decoded"),
                 "n_simulations": info.get("n_simulations"),
+                "seed": info.get("seed"),  # held-out data must not share it (see sbi-gen diagnose)
             }
         if self.prior is None:
             raise ValueError("no prior: pass prior= or train from an HDF5 training set, which records its prior")

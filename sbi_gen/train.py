@@ -497,6 +497,8 @@ class _TrainingState:
 
     def save(self, state: dict[str, Any]) -> None:
         tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
+        # Made here, not before training: a run that fails before its first epoch leaves nothing.
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             torch.save({"fingerprint": self.fingerprint, **state}, tmp)
             os.replace(tmp, self.path)  # atomic: the file is always one whole epoch's state

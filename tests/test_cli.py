@@ -71,7 +71,9 @@ def test_simulate_then_info(tmp_path):
 
 def test_simulate_errors_are_one_line(tmp_path):
     assert_one_line_error(sbi_gen("simulate", "nope", "--n", 10, "--out", tmp_path / "a.h5", check=False), "unknown simulator 'nope'", "particle")
-    assert_one_line_error(sbi_gen("simulate", "two_moons", "--n", 0, "--out", tmp_path / "a.h5", check=False), "positive integer")
+    proc = sbi_gen("simulate", "two_moons", "--n", 0, "--out", tmp_path / "a.h5", check=False)
+    # One line, not argparse's usage block.
+    assert proc.stderr.strip() == "sbi-gen simulate: error: argument --n: expected a positive integer, got 0 (see sbi-gen simulate --help)"
     assert_one_line_error(sbi_gen("simulate", "two_moons", "--n", -4, "--out", tmp_path / "a.h5", check=False), "positive integer")
     assert_one_line_error(sbi_gen("simulate", "two_moons", "--n", 10, "--out", tmp_path / "no" / "a.h5", check=False), "does not exist")
     assert_one_line_error(sbi_gen("simulate", "two_moons", "--n", 10, "--out", "/sys/a.h5", check=False), "cannot write")
@@ -160,6 +162,60 @@ def test_train_and_sample_end_to_end(tmp_path):
     assert_one_line_error(sbi_gen("train", tmp_path / "none.h5", "--out", tmp_path / "m", check=False), "no such file")
     assert_one_line_error(sbi_gen("train", data, "--min-delta", -0.1, "--out", tmp_path / "m", check=False),
                           "expected a non-negative number, got -0.1")
+    assert_one_line_error(sbi_gen("train", data, "--learning-rate", "inf", "--out", tmp_path / "m", check=False),
+                          "expected a finite positive number, got inf")
+    assert_one_line_error(sbi_gen("train", data, "--seed", 2**64, "--out", tmp_path / "m", check=False),
+                          f"expected a seed from 0 to {2**63 - 1}")
+    assert not (tmp_path / "m").exists()  # nothing is made by a run that fails before its first epoch
+    _observation_and_output_errors(tmp_path, data, model, samples)
+
+
+def _observation_and_output_errors(tmp_path, data, model, samples):
+    """What `sample` and `train` refuse, in one line, and what they leave untouched."""
+    before = data.read_bytes()
+    assert_one_line_error(sbi_gen("sample", model, "--obs", samples, "--out", data, check=False),
+                          f"{data} exists and was not written by `sbi-gen sample`")
+    assert_one_line_error(sbi_gen("sample", model, "--obs", data, "--out", data, check=False), "is one of this command's inputs")
+    assert data.read_bytes() == before
+    sbi_gen("sample", model, "--obs", data, "--index", 5, "--n", 7, "--out", samples)  # an earlier samples file is replaced
+    with h5py.File(samples) as f:
+        assert f["samples"].shape == (7, 2)
+    assert_one_line_error(sbi_gen("sample", model, "--obs", data, "--out", tmp_path, check=False), "it is a directory")
+    text, complex_obs = tmp_path / "text.npy", tmp_path / "complex.npy"
+    text.write_text("0.1 0.2\n")
+    np.save(complex_obs, np.array([0.1 + 1j, 0.2]))
+    for obs, extra, message in [
+        (text, (), "text.npy is not a .npy array file"),
+        (complex_obs, (), "holds complex128 values; an observation is real numbers"),
+        (complex_obs, ("--index", 0), "--index picks a row of an HDF5 observation file"),
+        (ROOT / "data/observations/particle.h5", (), "holds simulations of particle, but the model was trained on two_moons"),
+        (tmp_path / "none.h5", (), "no such observation file"),
+    ]:
+        assert_one_line_error(sbi_gen("sample", model, "--obs", obs, *extra, "--out", tmp_path / "s9.h5", check=False),
+                              message)
+    assert not (tmp_path / "s9.h5").exists()
+    # A saved model with no training to resume is replaced only with --overwrite; other directories never.
+    handed_over = tmp_path / "handed_over"
+    handed_over.mkdir()
+    for name in ("config.json", "weights.pt"):
+        (handed_over / name).write_bytes((model / name).read_bytes())
+    command = ("train", data, "--estimator", "maf", "--max-epochs", 1, "--quiet")
+    assert_one_line_error(sbi_gen(*command, "--out", handed_over, check=False),
+                          "holds a saved model and no training to resume; pass --overwrite")
+    assert (handed_over / "config.json").read_bytes() == (model / "config.json").read_bytes()
+    assert "model saved" in sbi_gen(*command, "--out", handed_over, "--overwrite").stdout
+    assert json.loads((handed_over / "config.json").read_text())["estimator_name"] == "maf"
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    assert_one_line_error(sbi_gen(*command, "--out", other, "--overwrite", check=False), "is a directory of other files")
+    assert sorted(p.name for p in other.iterdir()) == ["notes.txt"]
+    # A training set with no valid simulation: simulate warns, train refuses.
+    broken = tmp_path / "broken.h5"
+    proc = sbi_gen("simulate", "two_moons", "--n", 10, "--out", broken, "--config", '{"r_scale": 1e400}', "--quiet")
+    assert "warning: no simulation in" in proc.stderr
+    assert_one_line_error(sbi_gen("train", broken, "--out", tmp_path / "b", check=False),
+                          "has no valid simulation to train on: of 10, 0 failed and 10 gave non-finite values")
 
 
 @contextlib.contextmanager

@@ -59,7 +59,21 @@ def test_sample_then_plot_overlays_files_with_the_truth(moons):
 def test_diagnose_and_plot_errors_are_one_line(moons, tmp_path):
     other = tmp_path / "particle.h5"
     sbi_gen("simulate", "particle", "--n", 50, "--out", other, "--seed", 1, "--quiet")
-    assert_one_line_error(sbi_gen("diagnose", moons / "npe", other, "--out", tmp_path / "r", check=False), "model expects")
+    assert_one_line_error(sbi_gen("diagnose", moons / "npe", other, "--out", tmp_path / "r", check=False),
+                          "holds simulations of particle, but the model was trained on two_moons")
+    # The training set (or any file of its seed) is not held out; a report directory is not a file.
+    assert_one_line_error(sbi_gen("diagnose", moons / "npe", moons / "train.h5", "--out", tmp_path / "r", check=False),
+                          "was simulated with the training set's seed (1)", "another --seed")
+    assert_one_line_error(sbi_gen("diagnose", moons / "npe", moons / "test.h5", "--out", other, check=False),
+                          "it is a file, --out is a report directory")
+    samples = tmp_path / "s.h5"
+    sbi_gen("sample", moons / "npe", "--obs", moons / "test.h5", "--n", 50, "--out", samples)
+    assert_one_line_error(sbi_gen("plot", samples, samples, "--out", tmp_path / "c.png", "--label", "a", check=False),
+                          "1 --label for 2 samples files")
+    assert_one_line_error(sbi_gen("plot", tmp_path / "none.h5", "--out", tmp_path / "c.png", check=False),
+                          "no such samples file")
+    assert_one_line_error(sbi_gen("plot", samples, "--out", tmp_path / "c.png", "--truth", "0.1,nan", check=False),
+                          "--truth contains NaN")
     assert_one_line_error(sbi_gen("diagnose", tmp_path / "missing", other, "--out", tmp_path / "r", check=False), "no such checkpoint")
     assert_one_line_error(sbi_gen("plot", other, "--out", tmp_path / "c.png", check=False), "not a samples file")
     with h5py.File(tmp_path / "samples.h5", "w") as f:
