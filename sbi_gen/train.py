@@ -192,7 +192,10 @@ def resolve_device(device: str | torch.device) -> torch.device:
     """``"auto"`` → CUDA if available else CPU; a clear error if CUDA is asked for but absent."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {str(device)!r}: use cpu, cuda, cuda:N or auto") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device 'cuda' was requested but no CUDA GPU is available; use device='cpu'")
     return device

@@ -190,6 +190,7 @@ def _observation_and_output_errors(tmp_path, data, model, samples):
         (complex_obs, ("--index", 0), "--index picks a row of an HDF5 observation file"),
         (ROOT / "data/observations/particle.h5", (), "holds simulations of particle, but the model was trained on two_moons"),
         (tmp_path / "none.h5", (), "no such observation file"),
+        (data, ("--device", "nosuch"), "unknown device 'nosuch': use cpu, cuda, cuda:N or auto"),
     ]:
         assert_one_line_error(sbi_gen("sample", model, "--obs", obs, *extra, "--out", tmp_path / "s9.h5", check=False),
                               message)
