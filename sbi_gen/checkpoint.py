@@ -45,6 +45,8 @@ __all__ = ["CheckpointError", "load_emulator", "load_model", "save", "save_emula
 FORMAT = "sbi_gen.model"
 FORMAT_VERSION = 1
 _METHODS = {"npe": NPE, "nle": NLE}
+# The keys load_model reads without a default.
+_MODEL_KEYS = ("method", "prior", "estimator_name", "estimator", "x_shape")
 
 
 class CheckpointError(ValueError):
@@ -103,10 +105,12 @@ def _write_checkpoint(path: str | os.PathLike[str], config: dict[str, Any], stat
     return path
 
 
-def _read_checkpoint(path: Path, fmt: str, what: str, device: str) -> tuple[dict[str, Any], dict[str, Any], torch.device]:
+def _read_checkpoint(
+    path: Path, fmt: str, what: str, required: tuple[str, ...], device: str
+) -> tuple[dict[str, Any], dict[str, Any], torch.device]:
     """``(config, state dict, device)`` of a checkpoint directory, read safely.
 
-    The config must carry ``format == fmt``; the weights are read with
+    The config must carry ``format == fmt`` and the keys ``required``; the weights are read with
     ``torch.load(weights_only=True)`` and must be a dict of tensors. Every problem is a
     one-line :class:`CheckpointError` naming the file.
     """
@@ -114,9 +118,11 @@ def _read_checkpoint(path: Path, fmt: str, what: str, device: str) -> tuple[dict
         raise CheckpointError(f"no such checkpoint: {path}")
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a checkpoint directory (expected config.json and weights.pt inside)")
-    for name in ("config.json", "weights.pt"):
+    for name, kind in (("config.json", "a model's config file"), ("weights.pt", "a weights file")):
         if not (path / name).exists():
             raise CheckpointError(f"{path} is not a complete checkpoint: {name} is missing")
+        if (path / name).is_dir():
+            raise CheckpointError(f"{path / name} is a directory, not {kind}")
     try:
         config = json.loads((path / "config.json").read_text())
     except (OSError, ValueError) as error:
@@ -125,6 +131,12 @@ def _read_checkpoint(path: Path, fmt: str, what: str, device: str) -> tuple[dict
         raise CheckpointError(f"{path} is not an sbi_gen {what} (format is not {fmt!r})")
     if int(config.get("format_version", -1)) > FORMAT_VERSION:
         raise CheckpointError(f"{path} was written by a newer sbi_gen (format {config['format_version']})")
+    missing = [key for key in required if key not in config]
+    if missing:
+        raise CheckpointError(
+            f"{path / 'config.json'} lacks the key{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))}: "
+            f"not an sbi_gen {what}, or one saved by an incompatible version"
+        )
     # Checkpoints written before the hash was recorded have none to check.
     if "weights_sha256" in config and _sha256(path / "weights.pt") != config["weights_sha256"]:
         raise CheckpointError(
@@ -148,19 +160,23 @@ def _read_checkpoint(path: Path, fmt: str, what: str, device: str) -> tuple[dict
 def load_model(path: str | os.PathLike[str], device: str = "cpu") -> NPE | NLE:
     """Load a checkpoint directory written by :func:`save` onto ``device``."""
     path = Path(path)
-    config, state, device_ = _read_checkpoint(path, FORMAT, "model checkpoint", device)
-    if config.get("method") not in _METHODS:
-        raise CheckpointError(f"{path}: unknown method {config.get('method')!r}")
+    config, state, device_ = _read_checkpoint(path, FORMAT, "model checkpoint", _MODEL_KEYS, device)
+    if config["method"] not in _METHODS:
+        raise CheckpointError(f"{path}: unknown method {config['method']!r}")
 
-    model = _METHODS[config["method"]](
-        prior_from_dict(config["prior"]),
-        config["estimator_name"],
-        embedding=config.get("embedding"),
-        estimator_kwargs=config.get("estimator_kwargs"),
-        embedding_kwargs=config.get("embedding_kwargs"),
-        device=str(device_),
-    )
-    estimator = build_estimator(**config["estimator"])
+    try:
+        model = _METHODS[config["method"]](
+            prior_from_dict(config["prior"]),
+            config["estimator_name"],
+            embedding=config.get("embedding"),
+            estimator_kwargs=config.get("estimator_kwargs"),
+            embedding_kwargs=config.get("embedding_kwargs"),
+            device=str(device_),
+        )
+        estimator = build_estimator(**config["estimator"])
+        x_shape = tuple(config["x_shape"])
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise CheckpointError(f"{path / 'config.json'} does not describe a model this sbi_gen can build: {error}") from None
     try:
         estimator.load_state_dict(state)
     except RuntimeError as error:
@@ -168,7 +184,7 @@ def load_model(path: str | os.PathLike[str], device: str = "cpu") -> NPE | NLE:
     model.estimator = estimator.to(device_).eval()
     if isinstance(model, NPE):  # the estimator's config says whether θ went through the prior's bijection
         model.bijection = config["estimator"].get("y_prior") is not None
-    model.x_shape = tuple(config["x_shape"])
+    model.x_shape = x_shape
     model.metadata = config.get("metadata") or {}
     if config.get("history"):
         model.history = History(**config["history"])
@@ -205,7 +221,7 @@ def load_emulator(path: str | os.PathLike[str], device: str = "cpu") -> MapEmula
     from sbi_gen.emulator import MapEmulator
 
     path = Path(path)
-    config, state, device_ = _read_checkpoint(path, EMULATOR_FORMAT, "emulator", device)
+    config, state, device_ = _read_checkpoint(path, EMULATOR_FORMAT, "emulator", ("emulator",), device)
     try:
         emulator = MapEmulator(**config["emulator"], metadata=config.get("metadata"))
         emulator.load_state_dict(state)

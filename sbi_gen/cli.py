@@ -599,7 +599,7 @@ def _seed(text: str) -> int:
     return value
 
 
-_MAX_SEED = 2**63 - 1
+_MAX_SEED = 2**63 - 1  # sbi_gen.store.MAX_SEED, without importing the store to parse arguments
 
 
 def _row_index(text: str) -> int | str:

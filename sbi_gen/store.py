@@ -64,10 +64,12 @@ except ImportError:  # pragma: no cover - isal is a dependency; zlib gives the s
 __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
+    "MAX_SEED",
     "RUN_KEYS",
     "SimulationSummary",
     "StoreError",
     "TrainingSet",
+    "check_seed",
     "load",
     "read_info",
     "simulate_to_hdf5",
@@ -84,6 +86,18 @@ RUN_KEYS = ("simulator", "simulator_version", "simulator_config", "prior", "seed
 
 class StoreError(ValueError):
     """A training-set file or run that cannot be used as asked; the message says why."""
+
+
+# The seed is recorded as an int64 HDF5 attribute: a larger one would fail only after the last chunk.
+MAX_SEED = 2**63 - 1
+
+
+def check_seed(seed: Any) -> int:
+    """``seed`` as an ``int`` if it is a root seed the store can record (0 to :data:`MAX_SEED`),
+    else :class:`StoreError` saying so."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
+        raise StoreError(f"the seed must be an integer from 0 to {MAX_SEED} (2**63 - 1), got {seed!r}")
+    return int(seed)
 
 
 def _package_version() -> str:
@@ -231,6 +245,8 @@ def _encode_shard(chunk: dict[str, Any], chunk_size: int, compression: str | Non
     parts: list[Any] = [valid]
     index = {}
     for name, value in datasets.items():
+        if value.dtype.kind not in "biuf":  # as in place: refused at the first chunk, not after the run
+            raise inplace.LayoutError(f"{name} has dtype {value.dtype}; the store keeps numbers and booleans only")
         # HDF5 chunks tile a simulation chunk exactly: workers compress them, the writer only copies.
         rows = inplace.piece_rows(chunk_size, value[0].nbytes if len(value) else value.itemsize)
         pieces, sizes, masks = _encode(value, rows, compression)
@@ -354,6 +370,16 @@ class _Assembler:
     def write(self, index: int, shard: dict[str, Any]) -> None:
         if not self.datasets:
             self._create(shard)
+        # Encoded bytes of another dtype or row shape would be copied in as they are: garbage, silently.
+        if sorted(shard["datasets"]) != sorted(self.datasets):
+            raise inplace.LayoutError(f"chunk {index} returned the arrays {sorted(shard['datasets'])}, the first chunk {sorted(self.datasets)}")
+        for name, meta in shard["datasets"].items():
+            dataset = self.datasets[name]
+            if np.dtype(meta["dtype"]) != dataset.dtype or tuple(meta["shape"]) != dataset.shape[1:]:
+                raise inplace.LayoutError(
+                    f"chunk {index} returned {name} as {np.dtype(meta['dtype'])} rows of shape {tuple(meta['shape'])}, "
+                    f"the first chunk as {dataset.dtype} rows of shape {dataset.shape[1:]}"
+                )
         start = index * self.run["chunk_size"]
         for name, meta in shard["datasets"].items():
             chunk_writer = self.datasets[name].id
@@ -459,6 +485,8 @@ def simulate_to_hdf5(
         raise StoreError(f"the number of workers must be a positive integer, got {workers!r}")
     if compression not in (None, "gzip"):
         raise StoreError(f"compression must be 'gzip' or None, got {compression!r}")
+    if seed is not None:
+        check_seed(seed)
     _check_executor(executor, workers, scheduler, dask_local_workers, connect_timeout)
     _check_writable(path)
     with _exclusive_run(path):
@@ -521,9 +549,7 @@ def _simulate_to_hdf5(
             seed = int(json.loads(manifest_path.read_text())["seed"])
     if seed is None:
         seed = int(np.random.SeedSequence().entropy % (2**63))
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise StoreError(f"the seed must be a non-negative integer, got {seed!r}")
-    run = _run_description(simulator, prior, int(n), int(seed), int(chunk_size), compression)
+    run = _run_description(simulator, prior, int(n), check_seed(seed), int(chunk_size), compression)
 
     if path.exists():
         existing = None
@@ -672,8 +698,10 @@ def _fill_from_shards(
                 if bar is not None:
                     bar.update(sizes[i])
         return tmp_h5, assembler.finish()
-    except BaseException:
+    except BaseException as error:
         assembler.abort()
+        if isinstance(error, inplace.LayoutError):
+            raise StoreError(f"simulator {simulator.name!r}: {error}") from None
         raise
 
 
@@ -986,6 +1014,11 @@ def read_info(path: str | os.PathLike[str]) -> dict[str, Any]:
             for name, shape in shapes.items():
                 if shape[0] != n:
                     raise StoreError(f"{path} is inconsistent: {name} has {shape[0]} rows, the file says {n} simulations")
+                # What the store writes; anything else (strings, objects) would fail deep inside training.
+                dtype = handle[name].dtype
+                if dtype.kind not in ("b" if name == "valid" else "biuf"):
+                    wanted = "booleans" if name == "valid" else "numbers"
+                    raise StoreError(f"{path}: {name} has dtype {dtype.str}, not {wanted}: not an sbi_gen training set")
             # Read the last rows: a truncated file fails here rather than during training.
             handle["x"][n - 1 : n]
             handle["valid"][n - 1 : n]

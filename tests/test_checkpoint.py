@@ -2,12 +2,13 @@ import hashlib
 import json
 import os
 import pickle
+import shutil
 
 import pytest
 import torch
 
 import simulators
-from sbi_gen.checkpoint import CheckpointError, load_model, save
+from sbi_gen.checkpoint import CheckpointError, load_emulator, load_model, save
 from sbi_gen.inference import NLE, NPE
 from sbi_gen.simulate import simulate
 from sbi_gen.train import TrainConfig
@@ -110,3 +111,58 @@ def test_weights_that_do_not_belong_to_the_config_are_refused(tmp_path, moons):
     del config["weights_sha256"]  # as written before the hash was recorded: loaded as it is
     (tmp_path / "first" / "config.json").write_text(json.dumps(config))
     assert load_model(tmp_path / "first").history.best_epoch == first.history.best_epoch
+
+
+def _broken_copy(tmp_path, saved, name):
+    """A copy of the checkpoint ``saved``, to be damaged by the caller."""
+    copy = tmp_path / name
+    shutil.copytree(saved, copy)
+    return copy
+
+
+def test_config_and_weights_that_are_not_what_they_should_be(tmp_path, moons):
+    """Each used to surface as a bare KeyError or OSError ('estimator', [Errno 21] Is a directory)."""
+    task, data = moons
+    model = NPE(task.prior, "nsf", estimator_kwargs=SMALL)
+    model.fit((data["theta"], data["x"]), config=TrainConfig(max_epochs=1, progress=False))
+    saved = save(model, tmp_path / "m")
+
+    lacking = _broken_copy(tmp_path, saved, "lacking")
+    config = json.loads((lacking / "config.json").read_text())
+    del config["estimator"]
+    (lacking / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError) as error:
+        load_model(lacking)
+    assert str(error.value) == (
+        f"{lacking / 'config.json'} lacks the key 'estimator': "
+        "not an sbi_gen model checkpoint, or one saved by an incompatible version"
+    )
+
+    for name, kind in (("config.json", "a model's config file"), ("weights.pt", "a weights file")):
+        broken = _broken_copy(tmp_path, saved, f"directory-{name}")
+        (broken / name).unlink()
+        (broken / name).mkdir()
+        with pytest.raises(CheckpointError) as error:
+            load_model(broken)
+        assert str(error.value) == f"{broken / name} is a directory, not {kind}"
+
+    bad_prior = _broken_copy(tmp_path, saved, "bad-prior")
+    config = json.loads((bad_prior / "config.json").read_text())
+    del config["prior"]["low"]
+    (bad_prior / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError) as error:
+        load_model(bad_prior)
+    assert str(error.value) == f"{bad_prior / 'config.json'} does not describe a model this sbi_gen can build: 'low'"
+    assert load_model(saved).x_shape == (2,)  # the original is untouched and still loads
+
+
+def test_an_emulator_config_without_its_architecture_is_refused(tmp_path):
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "config.json").write_text(json.dumps({"format": "sbi_gen.emulator", "format_version": 1}))
+    torch.save({}, tmp_path / "e" / "weights.pt")
+    with pytest.raises(CheckpointError) as error:
+        load_emulator(tmp_path / "e")
+    assert str(error.value) == (
+        f"{tmp_path / 'e' / 'config.json'} lacks the key 'emulator': "
+        "not an sbi_gen emulator, or one saved by an incompatible version"
+    )

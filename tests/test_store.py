@@ -15,7 +15,7 @@ import pytest
 
 from sbi_gen.priors import BoxUniform
 from sbi_gen.simulate import as_simulator, simulate
-from sbi_gen.store import StoreError, load, read_info, simulate_to_hdf5, train_val_split
+from sbi_gen.store import MAX_SEED, StoreError, load, read_info, simulate_to_hdf5, train_val_split
 
 PRIOR = BoxUniform([0.0, 0.0], [1.0, 1.0], names=["a", "b"])
 
@@ -232,6 +232,23 @@ def test_bad_arguments(tmp_path, kwargs, match):
         simulate_to_hdf5(TOY, n, tmp_path / "a.h5", progress=False, **args)
 
 
+@pytest.mark.parametrize("seed", [2**63, 99999999999999999999999, -1, 1.5, "7", True, np.uint64(2**63)])
+def test_a_seed_the_file_cannot_record_is_refused_before_anything_is_simulated(tmp_path, seed):
+    """The seed is an int64 attribute: one out of range used to fail only when the finished
+    file was written, after every simulation, leaving a .partial directory behind."""
+    sim, calls = _flaky(PRIOR, stop_at=0)
+    with pytest.raises(StoreError) as error:
+        simulate_to_hdf5(sim, 100, tmp_path / "a.h5", seed=seed, chunk_size=10, progress=False)
+    assert str(error.value) == f"the seed must be an integer from 0 to 9223372036854775807 (2**63 - 1), got {seed!r}"
+    assert calls["n"] == 0 and list(tmp_path.iterdir()) == []
+
+
+def test_the_largest_seed_is_recorded(tmp_path):
+    assert MAX_SEED == 2**63 - 1
+    simulate_to_hdf5(TOY, 20, tmp_path / "a.h5", seed=MAX_SEED, chunk_size=10, progress=False)
+    assert read_info(tmp_path / "a.h5")["seed"] == MAX_SEED
+
+
 def test_unwritable_paths(tmp_path):
     with pytest.raises(StoreError, match="does not exist"):
         simulate_to_hdf5(TOY, 10, tmp_path / "missing" / "a.h5", seed=0, progress=False)
@@ -260,6 +277,56 @@ def test_corrupt_truncated_and_foreign_files(tmp_path):
         load(foreign)
     with pytest.raises(StoreError, match="no such file"):
         load(tmp_path / "nothing.h5")
+
+
+@pytest.fixture(scope="module")
+def good_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("good") / "good.h5"
+    simulate_to_hdf5(TOY, 40, path, seed=0, chunk_size=10, progress=False)
+    return path
+
+
+@pytest.mark.parametrize(
+    "name, data, dtype",
+    [
+        ("x", np.array([["a", "b"]] * 40, dtype="S1"), "|S1"),
+        ("theta", np.array([["a", "b"]] * 40, dtype=object), "|O"),  # variable-length strings
+        ("x", np.ones((40, 2), dtype=complex), "<c16"),
+        ("latents/z", np.array([[b"z"]] * 40), "|S1"),
+        ("valid", np.ones(40, dtype=np.int64), "<i8"),  # would select rows by index, not by flag
+    ],
+)
+def test_datasets_that_are_not_numbers_are_refused(tmp_path, good_file, name, data, dtype):
+    """A copied training set with a dataset replaced by text used to load, and training then
+    failed inside torch (can't convert np.ndarray of type numpy.bytes_)."""
+    path = tmp_path / "strings.h5"
+    path.write_bytes(good_file.read_bytes())
+    with h5py.File(path, "r+") as f:
+        if name in f:
+            del f[name]
+        f.create_dataset(name, data=data, dtype=h5py.string_dtype() if data.dtype == object else None)
+    wanted = "booleans" if name == "valid" else "numbers"
+    for reader in (read_info, load):
+        with pytest.raises(StoreError) as error:
+            reader(path)
+        assert str(error.value) == f"{path}: {name} has dtype {dtype}, not {wanted}: not an sbi_gen training set"
+
+
+def test_a_simulator_returning_text_is_refused_at_its_first_chunk(tmp_path):
+    """Compressed runs kept any dtype, so a run of text finished only to be refused when loaded."""
+    calls = {"n": 0}
+
+    def text(theta):
+        calls["n"] += 1
+        return np.array([["a", "b"]] * len(theta))
+
+    sim = as_simulator(text, PRIOR, name="text", observable_shape=(2,))
+    for compression in ("gzip", None):
+        calls["n"] = 0
+        with pytest.raises(StoreError) as error:
+            simulate_to_hdf5(sim, 1000, tmp_path / f"{compression}.h5", seed=0, chunk_size=100, compression=compression, progress=False)
+        assert str(error.value) == "simulator 'text': x has dtype <U1; the store keeps numbers and booleans only"
+        assert calls["n"] <= 2 and not (tmp_path / f"{compression}.h5").exists()
 
 
 def test_load_slices_rows_and_split(tmp_path):
@@ -413,9 +480,12 @@ class _Drifting:
         return {"x": theta, "latents": {"z": np.zeros((len(theta), 3 if self.calls < 3 else 4))}}
 
 
-def test_in_place_run_refuses_chunks_that_change_shape(tmp_path):
+@pytest.mark.parametrize("compression", [None, "gzip"])
+def test_a_run_refuses_chunks_that_change_shape(tmp_path, compression):
+    """Compressed runs used to copy such a chunk's bytes in as they were: a file of garbage rows."""
     with pytest.raises(StoreError, match=r"drifting.*chunk 2 returned latents/z as float64 rows of shape \(4,\).*\(3,\)"):
-        simulate_to_hdf5(_Drifting(), 500, tmp_path / "a.h5", seed=0, chunk_size=100, compression=None, progress=False)
+        simulate_to_hdf5(_Drifting(), 500, tmp_path / "a.h5", seed=0, chunk_size=100, compression=compression, progress=False)
+    assert not (tmp_path / "a.h5").exists()
 
 
 def test_damaged_chunk_files_of_a_compressed_run_are_simulated_again(tmp_path):
