@@ -504,6 +504,10 @@ def _cmd_emulate(args: argparse.Namespace) -> None:
     from sbi_gen.checkpoint import load_emulator
 
     out = _output_file(args.out, "sbi_gen.emulated_maps", "emulate")
+    if args.figure:
+        from sbi_gen.plots import check_figure_path
+
+        args.figure = check_figure_path(args.figure)  # before the maps are made and written
     emulator = load_emulator(args.model, device=args.device)
     names = emulator.metadata.get("parameter_names") or [f"theta_{i}" for i in range(emulator.theta_dim)]
     prior = None
@@ -534,6 +538,7 @@ def _emulation_figure(emulator: Any, theta: Any, maps: Any, names: Sequence[str]
     import numpy as np
 
     from sbi_gen.emulator import compare_power_spectra, plot_emulated_maps
+    from sbi_gen.plots import save_figure
 
     name = emulator.metadata.get("simulator")
     if not name:
@@ -550,8 +555,7 @@ def _emulation_figure(emulator: Any, theta: Any, maps: Any, names: Sequence[str]
         print("power spectrum ratio emulated/simulated per bin: "
               + " ".join(f"{r:.3f}±{e:.3f}" for r, e in zip(spectra.ratio, spectra.ratio_error)))
     fig = plot_emulated_maps(simulated, maps, theta, parameter_names=names, spectra=spectra)
-    fig.savefig(args.figure, dpi=120)
-    print(f"figure written to {args.figure}")
+    print(f"figure written to {save_figure(fig, args.figure, dpi=120)}")
 
 
 def posterior_summary(samples: Any, names: Sequence[str], theta_true: Any = None) -> str:

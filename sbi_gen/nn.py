@@ -19,9 +19,11 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import math
-from collections.abc import Callable, Sequence
+import numbers
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -34,10 +36,14 @@ __all__ = [
     "EMBEDDINGS",
     "MLP",
     "Flatten",
+    "HyperparameterError",
     "ResidualMLP",
     "TimeEmbedding",
     "UNet",
     "build_embedding",
+    "check_int",
+    "check_number",
+    "check_widths",
     "default_embedding",
 ]
 
@@ -55,12 +61,73 @@ ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
 Activation = str | Callable[[], nn.Module]
 
 
+class HyperparameterError(ValueError, TypeError):
+    """An unknown hyperparameter (of an estimator, an embedding ...), or a bad value of a known one.
+
+    A ``ValueError``, so that callers which report bad input as one line (the command line)
+    report it, and a ``TypeError``, what Python raises for an unexpected keyword argument and
+    what callers of :func:`~sbi_gen.estimators.build_estimator` caught before it existed.
+    It lives here, the lowest module that raises it, so the estimators can share it.
+    """
+
+
+def _at_least(minimum: int) -> str:
+    return {0: "non-negative", 1: "positive"}.get(minimum, f"at least {minimum}")
+
+
+def _is_integer(value: Any) -> bool:
+    """Integers and integral floats (``3.0``), not booleans, strings or fractions: ``int()`` would
+    turn ``"3"`` into 3 but also ``2.5`` silently into 2."""
+    real = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    return real and math.isfinite(value) and value == int(value)
+
+
+def check_int(owner: str, name: str, value: Any, minimum: int = 1, *, optional: bool = False) -> int | None:
+    """``value`` as an ``int`` of at least ``minimum`` (``None`` passes when ``optional``), else a
+    :class:`HyperparameterError` naming ``owner`` and ``name``.
+
+    Example:
+        >>> check_int("nsf", "transforms", -2)
+        Traceback (most recent call last):
+        ...
+        sbi_gen.nn.HyperparameterError: nsf: transforms must be positive, got -2
+    """
+    if optional and value is None:
+        return None
+    if not _is_integer(value):
+        raise HyperparameterError(f"{owner}: {name} must be an integer{' or None' if optional else ''}, got {value!r}")
+    if value < minimum:
+        raise HyperparameterError(f"{owner}: {name} must be {_at_least(minimum)}, got {value}")
+    return int(value)
+
+
+def check_number(owner: str, name: str, value: Any) -> float:
+    """``value`` as a positive finite ``float``, else a :class:`HyperparameterError`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise HyperparameterError(f"{owner}: {name} must be a number, got {value!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise HyperparameterError(f"{owner}: {name} must be positive, got {value}")
+    return float(value)
+
+
+def check_widths(owner: str, name: str, value: Any) -> list[int]:
+    """``value`` (layer widths) as a list of positive ``int``, else a :class:`HyperparameterError`.
+
+    An empty list passes: no hidden layer is a valid network.
+    """
+    valid = not isinstance(value, (str, bytes)) and isinstance(value, Iterable)
+    widths = list(value) if valid else []
+    if not valid or not all(_is_integer(w) and w >= 1 for w in widths):
+        raise HyperparameterError(f"{owner}: {name} must be a list of positive integers, got {value!r}")
+    return [int(w) for w in widths]
+
+
 def _activation(activation: Activation) -> Callable[[], nn.Module]:
     if callable(activation):
         return activation
     try:
         return ACTIVATIONS[activation]
-    except KeyError:
+    except (KeyError, TypeError):  # TypeError: a list or dict from JSON is unhashable
         raise ValueError(f"unknown activation {activation!r}; known: {', '.join(sorted(ACTIVATIONS))}") from None
 
 
@@ -335,8 +402,10 @@ def _mlp(
     hidden: Sequence[int] = (128, 128),
     activation: str = "silu",
 ) -> tuple[nn.Module, int]:
+    out_features = check_int("mlp embedding", "out_features", out_features)
+    hidden = check_widths("mlp embedding", "hidden", hidden)
     net = MLP(math.prod(c_shape), out_features, hidden=hidden, activation=activation)
-    return nn.Sequential(Flatten(len(c_shape)), net), int(out_features)
+    return nn.Sequential(Flatten(len(c_shape)), net), out_features
 
 
 def _resmlp(
@@ -346,8 +415,11 @@ def _resmlp(
     blocks: int = 2,
     activation: str = "silu",
 ) -> tuple[nn.Module, int]:
+    out_features = check_int("resmlp embedding", "out_features", out_features)
+    hidden = check_int("resmlp embedding", "hidden", hidden)
+    blocks = check_int("resmlp embedding", "blocks", blocks, minimum=0)
     net = ResidualMLP(math.prod(c_shape), out_features, hidden=hidden, blocks=blocks, activation=activation)
-    return nn.Sequential(Flatten(len(c_shape)), net), int(out_features)
+    return nn.Sequential(Flatten(len(c_shape)), net), out_features
 
 
 def _cnn(
@@ -358,8 +430,12 @@ def _cnn(
     hidden: Sequence[int] = (128,),
     activation: str = "silu",
 ) -> tuple[nn.Module, int]:
+    out_features = check_int("cnn embedding", "out_features", out_features)
+    channels = check_widths("cnn embedding", "channels", channels)
+    kernel_size = check_int("cnn embedding", "kernel_size", kernel_size)
+    hidden = check_widths("cnn embedding", "hidden", hidden)
     net = CNN(c_shape, out_features, channels=channels, kernel_size=kernel_size, hidden=hidden, activation=activation)
-    return net, int(out_features)
+    return net, out_features
 
 
 EMBEDDINGS: dict[str, Callable[..., tuple[nn.Module, int]]] = {
@@ -405,7 +481,8 @@ def build_embedding(name: str, c_shape: Sequence[int], **kwargs: Any) -> tuple[n
     Arguments:
         name: A key of :data:`EMBEDDINGS`.
         c_shape: Shape of one condition, ``(d,)`` or ``(H, W)`` (or ``(C, H, W)``).
-        kwargs: Keyword arguments of that embedding (see :data:`EMBEDDINGS`).
+        kwargs: Keyword arguments of that embedding (see :data:`EMBEDDINGS`); unknown ones and
+            bad sizes raise :class:`HyperparameterError`.
 
     Returns:
         The module, mapping ``(*, *c_shape) → (*, F)``, and its number of output features ``F``.
@@ -420,10 +497,11 @@ def build_embedding(name: str, c_shape: Sequence[int], **kwargs: Any) -> tuple[n
         raise ValueError(f"a condition shape must be non-empty and positive, got {c_shape}")
     if name not in EMBEDDINGS:
         raise ValueError(f"unknown embedding {name!r}; known: {', '.join(sorted(EMBEDDINGS))}")
-    try:
-        return EMBEDDINGS[name](c_shape, **kwargs)
-    except TypeError as error:
-        raise TypeError(f"bad arguments {sorted(kwargs)} for embedding {name!r}: {error}") from None
+    accepted = list(inspect.signature(EMBEDDINGS[name]).parameters)[1:]
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise HyperparameterError(f"embedding {name!r} got unknown arguments {unknown}; it accepts {accepted}")
+    return EMBEDDINGS[name](c_shape, **kwargs)
 
 
 def _groups(channels: int) -> int:

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib.backend_bases import FigureCanvasBase
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from scipy import stats
@@ -38,6 +39,7 @@ from scipy.ndimage import gaussian_filter
 from sbi_gen.diagnostics import CoverageResult, PPCResult, SBCResult, binomial_band
 
 __all__ = [
+    "check_figure_path",
     "corner",
     "coverage_curves",
     "map_panel",
@@ -141,6 +143,10 @@ def corner(
     truth_values = None if truth is None else _numpy(truth).reshape(-1)
     if truth_values is not None and len(truth_values) != dim:
         raise ValueError(f"truth has {len(truth_values)} values for {dim} parameters")
+    if truth_values is not None and not np.isfinite(truth_values).all():
+        raise ValueError("truth contains NaN or infinite values")
+    if limits is not None and (len(limits) != dim or not np.isfinite(np.asarray(limits, dtype=float)).all()):
+        raise ValueError(f"limits must be {dim} finite (low, high) pairs, one per parameter, got {list(limits)}")
     colors = list(colors) if colors is not None else COLORS
     if limits is None:
         pooled = np.concatenate(list(sets.values()))
@@ -401,9 +407,53 @@ def map_panel(
     return fig
 
 
+def check_figure_path(path: str | os.PathLike[str]) -> Path:
+    """The file :func:`save_figure` would write for ``path``, checked without writing anything.
+
+    A path without a suffix gets ``.png``. Call it before expensive work whose result is a
+    figure, so that a bad path fails first.
+
+    Raises:
+        ValueError: ``path`` is a directory, its suffix is not a format matplotlib writes, or its
+            nearest existing ancestor is not a writable directory.
+
+    Example:
+        >>> check_figure_path("corner").name
+        'corner.png'
+    """
+    final = Path(path)
+    if not final.is_dir() and not final.suffix:
+        final = final.with_name(final.name.rstrip(".") + ".png")
+    if final.is_dir():
+        raise ValueError(f"cannot save the figure to {final}: it is a directory")
+    supported = FigureCanvasBase.get_supported_filetypes()
+    if final.suffix[1:].lower() not in supported:
+        raise ValueError(
+            f"cannot save the figure to {final}: unsupported format {final.suffix!r}; "
+            f"supported: {', '.join(sorted(supported))}"
+        )
+    ancestor = final.parent
+    while not ancestor.exists():  # save_figure creates the missing folders
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ValueError(f"cannot save the figure to {final}: {ancestor} is not a directory")
+    if not os.access(ancestor, os.W_OK):
+        raise ValueError(f"cannot save the figure to {final}: the directory {ancestor} is not writable")
+    return final
+
+
 def save_figure(fig: Figure, path: str | os.PathLike[str], dpi: int = 130) -> Path:
-    """Writes ``fig`` to ``path`` (PNG, PDF or SVG by extension), creating the folder; returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
+    """Writes ``fig`` to ``path`` in the format of its suffix (``.png`` appended when it has none),
+    creating missing folders; returns the path written.
+
+    Raises:
+        ValueError: As :func:`check_figure_path`, before anything is written.
+        OSError: Writing failed (one line naming the path).
+    """
+    path = check_figure_path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=dpi)
+    except OSError as error:
+        raise OSError(f"cannot save the figure to {path}: {error.strerror or error}") from None
     return path

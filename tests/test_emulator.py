@@ -260,6 +260,11 @@ def test_cli_train_emulator_and_emulate(maps_file, tmp_path, capsys):
         (["emulate", str(model), "--theta", "0.3,0.8", "--out", str(out)], "takes 3 (Omega_m, sigma_8, w_0)"),
         (["emulate", str(model), "--theta", "a,b,c", "--out", str(out)], "comma-separated"),
         (["emulate", str(tmp_path / "nothing"), "--theta", "0.3,0.8,-1", "--out", str(out)], "no such checkpoint"),
+        # Refused before any map is made: no file is written.
+        (["emulate", str(model), "--theta", "0.3,0.8,-1", "--out", str(tmp_path / "new.h5"), "--figure",
+          str(tmp_path / "f.xyz")], "unsupported format '.xyz'"),
+        (["emulate", str(model), "--theta", "0.3,0.8,-1", "--out", str(maps_file)],
+         "was not written by `sbi-gen emulate`"),
         (
             ["train-emulator", str(maps_file), "--hyperparameters", '{"layers": 3}', "--out", str(tmp_path / "x")],
             "unknown hyperparameters",
@@ -268,6 +273,7 @@ def test_cli_train_emulator_and_emulate(maps_file, tmp_path, capsys):
         assert main(argv) == 2
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("sbi-gen: error:") and fragment in lines[0], lines
+    assert not (tmp_path / "new.h5").exists()
 
 
 def test_loading_something_else_is_refused(tmp_path):

@@ -10,7 +10,14 @@ import math
 import pytest
 import torch
 
-from sbi_gen.estimators import DEFAULT_ESTIMATOR, ESTIMATORS, NSF, ConditionalEstimator, build_estimator
+from sbi_gen.estimators import (
+    DEFAULT_ESTIMATOR,
+    ESTIMATORS,
+    NSF,
+    ConditionalEstimator,
+    HyperparameterError,
+    build_estimator,
+)
 from sbi_gen.priors import BoxUniform, Gaussian, IndependentPrior
 
 # Small but complete architectures, so that the whole file runs in well under a minute.
@@ -261,6 +268,52 @@ def test_build_estimator_errors():
         est(torch.randn(4, 2))
     assert build_estimator("nsf", 2, (16, 16), transforms=1, hidden_features=[8]).embedding_name == "cnn"
     assert est.embedding_name == "identity"
+
+
+def test_unknown_hyperparameters_are_a_value_error_the_command_line_reports():
+    with pytest.raises(ValueError) as caught:
+        build_estimator("nsf", 2, (2,), nosuch=1)
+    assert isinstance(caught.value, TypeError) and isinstance(caught.value, HyperparameterError)
+    assert str(caught.value).startswith("estimator 'nsf' got unknown hyperparameters ['nosuch']; it accepts [")
+
+
+@pytest.mark.parametrize(
+    ("name", "hyperparameters", "message"),
+    [
+        ("nsf", {"transforms": -2}, "nsf: transforms must be positive, got -2"),
+        ("maf", {"transforms": -2}, "maf: transforms must be positive, got -2"),
+        ("nsf", {"transforms": 2.5}, "nsf: transforms must be an integer, got 2.5"),
+        ("nsf", {"hidden_features": "abc"}, "nsf: hidden_features must be a list of positive integers, got 'abc'"),
+        ("nsf", {"hidden_features": 64}, "nsf: hidden_features must be a list of positive integers, got 64"),
+        ("maf", {"hidden_features": [0]}, "maf: hidden_features must be a list of positive integers, got [0]"),
+        ("cnf", {"hidden_features": [16, -1]}, "cnf: hidden_features must be a list of positive integers, got [16, -1]"),
+        ("nsf", {"bins": 0}, "nsf: bins must be positive, got 0"),
+        ("nsf", {"passes": 0}, "nsf: passes must be positive, got 0"),
+        ("maf", {"passes": "2"}, "maf: passes must be an integer or None, got '2'"),
+        ("cnf", {"freqs": -1}, "cnf: freqs must be non-negative, got -1"),
+        ("cnf", {"atol": -1e-5}, "cnf: atol must be positive, got -1e-05"),
+        ("cnf", {"rtol": "tight"}, "cnf: rtol must be a number, got 'tight'"),
+        ("vae", {"hidden_features": [16, True]}, "vae: hidden_features must be a list of positive integers, got [16, True]"),
+        ("vae", {"latent_features": "two"}, "vae: latent_features must be an integer, got 'two'"),
+        ("diffusion", {"hidden": 0}, "diffusion: hidden must be positive, got 0"),
+        ("diffusion", {"blocks": -1}, "diffusion: blocks must be non-negative, got -1"),
+        ("diffusion", {"time_features": 1}, "diffusion: time_features must be at least 2, got 1"),
+        ("diffusion", {"sampler_steps": 0}, "diffusion: sampler_steps must be positive, got 0"),
+        ("diffusion", {"log_prob_steps": 0}, "diffusion: log_prob_steps must be positive, got 0"),
+        ("diffusion", {"exact_divergence_max_dim": -1}, "diffusion: exact_divergence_max_dim must be non-negative, got -1"),
+    ],
+)
+def test_bad_hyperparameter_values_are_named_before_anything_is_built(name, hyperparameters, message):
+    with pytest.raises(HyperparameterError) as caught:
+        build_estimator(name, 2, (3,), **hyperparameters)
+    assert str(caught.value) == message
+
+
+def test_edge_hyperparameters_that_make_valid_networks_still_build():
+    assert build_estimator("nsf", 2, (3,), transforms=1, hidden_features=[], bins=1, passes=1).hidden_features == []
+    assert build_estimator("maf", 2, (3,), transforms=1, hidden_features=(8.0,)).hidden_features == [8]
+    assert build_estimator("cnf", 2, (3,), hidden_features=[8], freqs=0).freqs == 0
+    assert build_estimator("diffusion", 2, (3,), hidden=8, blocks=0, time_features=2).blocks == 0
 
 
 def test_nsf_fits_a_conditional_gaussian():

@@ -8,6 +8,7 @@ from sbi_gen.nn import (
     EMBEDDINGS,
     MLP,
     Flatten,
+    HyperparameterError,
     ResidualMLP,
     TimeEmbedding,
     build_embedding,
@@ -168,9 +169,39 @@ def test_build_embedding_errors_and_defaults():
     assert default_embedding((2, 16, 16)) == "cnn"
     with pytest.raises(ValueError, match="unknown embedding"):
         build_embedding("transformer", (3,))
-    with pytest.raises(TypeError, match="bad arguments"):
+    with pytest.raises(TypeError, match=r"embedding 'mlp' got unknown arguments \['widths'\]; it accepts \["):
         build_embedding("mlp", (3,), widths=[3])
     with pytest.raises(ValueError):
         build_embedding("mlp", ())
     net, _ = build_embedding("mlp", (3,), hidden=[8, 8], activation="relu")  # JSON lists are fine
     assert net(torch.randn(2, 3)).shape == (2, 64)
+
+
+def test_unknown_embedding_arguments_are_also_a_value_error():
+    with pytest.raises(ValueError) as caught:
+        build_embedding("cnn", (8, 8), width=3)
+    assert isinstance(caught.value, HyperparameterError) and isinstance(caught.value, TypeError)
+
+
+@pytest.mark.parametrize(
+    ("name", "c_shape", "kwargs", "message"),
+    [
+        ("mlp", (3,), {"out_features": 0}, "mlp embedding: out_features must be positive, got 0"),
+        ("mlp", (3,), {"hidden": "abc"}, "mlp embedding: hidden must be a list of positive integers, got 'abc'"),
+        ("resmlp", (3,), {"hidden": [16]}, "resmlp embedding: hidden must be an integer, got [16]"),
+        ("resmlp", (3,), {"blocks": -1}, "resmlp embedding: blocks must be non-negative, got -1"),
+        ("cnn", (8, 8), {"out_features": -4}, "cnn embedding: out_features must be positive, got -4"),
+        ("cnn", (8, 8), {"channels": [4, 0]}, "cnn embedding: channels must be a list of positive integers, got [4, 0]"),
+        ("cnn", (8, 8), {"hidden": [8.5]}, "cnn embedding: hidden must be a list of positive integers, got [8.5]"),
+        ("cnn", (8, 8), {"kernel_size": -3}, "cnn embedding: kernel_size must be positive, got -3"),
+    ],
+)
+def test_bad_embedding_sizes_are_one_line_errors(name, c_shape, kwargs, message):
+    with pytest.raises(ValueError) as caught:
+        build_embedding(name, c_shape, **kwargs)
+    assert str(caught.value) == message
+
+
+def test_activation_given_as_a_list_is_an_unknown_activation():
+    with pytest.raises(ValueError, match=r"unknown activation \['relu'\]; known: elu"):
+        build_embedding("mlp", (3,), activation=["relu"])

@@ -12,6 +12,7 @@ from PIL import Image
 
 from sbi_gen.diagnostics import expected_coverage, gaussian_posterior, posterior_predictive_check, sbc, tarp
 from sbi_gen.plots import (
+    check_figure_path,
     corner,
     coverage_curves,
     map_panel,
@@ -68,7 +69,7 @@ def test_corner_overlays_posteriors_with_contours_truth_and_labels(tmp_path):
     legend_texts = [t.get_text() for t in slot.get_legend().get_texts()]
     assert "NPE" in legend_texts and "reference" in legend_texts and "true value" in legend_texts
     assert fig.get_suptitle() == "observation 0"
-    path = save_figure(fig, tmp_path / "sub" / "corner.png")
+    path = save_figure(fig, tmp_path / "sub" / "corner.png")  # creates the missing folder
     with Image.open(path) as image:
         assert image.size[0] > 500 and image.size[1] > 500
 
@@ -94,6 +95,62 @@ def test_corner_rejects_bad_input():
         corner(np.full((10, 2), np.nan))
     with pytest.raises(ValueError, match="same number"):
         corner({"a": np.random.rand(10, 2), "b": np.random.rand(10, 3)})
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"labels": ["a", "b", "c"]}, "got 3 labels for 2 parameters"),
+        ({"truth": [0.0, 1.0, 2.0]}, "truth has 3 values for 2 parameters"),
+        ({"truth": [0.0, np.nan]}, "truth contains NaN or infinite values"),
+        ({"truth": torch.tensor([np.inf, 0.0])}, "truth contains NaN or infinite values"),
+        ({"limits": [(0.0, 1.0)]}, "limits must be 2 finite (low, high) pairs, one per parameter, got [(0.0, 1.0)]"),
+        ({"limits": [(0.0, 1.0), (0.0, np.nan)]}, "limits must be 2 finite (low, high) pairs"),
+    ],
+)
+def test_corner_names_a_mismatch_with_the_parameters_in_one_line(options, message):
+    with pytest.raises(ValueError) as caught:
+        corner(np.random.default_rng(0).normal(size=(50, 2)), **options)
+    assert str(caught.value).startswith(message) and "\n" not in str(caught.value)
+
+
+@pytest.fixture
+def figure():
+    return corner(np.random.default_rng(0).normal(size=(200, 2)))
+
+
+def test_save_figure_appends_png_to_a_bare_path_and_returns_what_it_wrote(figure, tmp_path):
+    written = save_figure(figure, tmp_path / "l6")
+    assert written == tmp_path / "l6.png"
+    assert written.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / "l6").exists()
+    assert save_figure(figure, tmp_path / "c.pdf").read_bytes().startswith(b"%PDF")
+    assert save_figure(figure, tmp_path / "new" / "sub" / "c.svg") == tmp_path / "new" / "sub" / "c.svg"
+
+
+def test_check_figure_path_validates_without_writing(tmp_path):
+    assert check_figure_path(tmp_path / "fig") == tmp_path / "fig.png"
+    assert check_figure_path(tmp_path / "missing" / "fig.pdf") == tmp_path / "missing" / "fig.pdf"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_figure_paths_are_one_line_errors_and_write_nothing(figure, tmp_path):
+    (tmp_path / "emptydir").mkdir()
+    (tmp_path / "afile").write_text("")
+    for path, message in (
+        (tmp_path / "emptydir", f"cannot save the figure to {tmp_path / 'emptydir'}: it is a directory"),
+        (tmp_path / "x.xyz", f"cannot save the figure to {tmp_path / 'x.xyz'}: unsupported format '.xyz'; supported: "),
+        (tmp_path / "afile" / "x.png", f"cannot save the figure to {tmp_path / 'afile' / 'x.png'}: {tmp_path / 'afile'} is not a directory"),
+    ):
+        for function in (check_figure_path, lambda p: save_figure(figure, p)):
+            with pytest.raises(ValueError) as caught:
+                function(path)
+            assert str(caught.value).startswith(message)
+    with pytest.raises(ValueError) as caught:
+        check_figure_path(tmp_path / "x.xyz")
+    assert {"pdf", "png", "svg"} <= set(str(caught.value).split("supported: ")[1].split(", "))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "emptydir"]
+    assert list((tmp_path / "emptydir").iterdir()) == []
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,7 @@ from sbi_gen.estimators.base import ConditionalEstimator, SupportTransform
 from sbi_gen.estimators.diffusion import Diffusion
 from sbi_gen.estimators.flows import CNF, MAF, NSF
 from sbi_gen.estimators.vae import VAE
+from sbi_gen.nn import HyperparameterError
 
 __all__ = [
     "CNF",
@@ -35,6 +36,7 @@ __all__ = [
     "VAE",
     "ConditionalEstimator",
     "Diffusion",
+    "HyperparameterError",
     "SupportTransform",
     "build_estimator",
 ]
@@ -75,8 +77,8 @@ def build_estimator(
             ``"cnn"`` for maps.
         embedding_kwargs: Keyword arguments of the embedding.
         y_prior: ``prior.to_dict()`` of a bounded prior of :math:`y`.
-        hyperparameters: The estimator's own keyword arguments (see its class); unknown ones
-            raise ``TypeError``.
+        hyperparameters: The estimator's own keyword arguments (see its class); unknown ones and
+            bad values raise :class:`HyperparameterError` (a ``ValueError`` and a ``TypeError``).
 
     Returns:
         The estimator; ``build_estimator(**est.config())`` rebuilds the same architecture.
@@ -87,7 +89,7 @@ def build_estimator(
     accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self" and p not in _COMMON]
     unknown = sorted(set(hyperparameters) - set(accepted))
     if unknown:
-        raise TypeError(f"estimator {name!r} got unknown hyperparameters {unknown}; it accepts {accepted}")
+        raise HyperparameterError(f"estimator {name!r} got unknown hyperparameters {unknown}; it accepts {accepted}")
     return cls(
         y_dim,
         c_shape,

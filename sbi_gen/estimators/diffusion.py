@@ -50,7 +50,7 @@ from torch import Size, Tensor
 from torch.distributions import Distribution, constraints
 
 from sbi_gen.estimators.base import ConditionalEstimator
-from sbi_gen.nn import ResidualMLP, TimeEmbedding
+from sbi_gen.nn import ResidualMLP, TimeEmbedding, check_int, check_number
 
 __all__ = [
     "DIVERGENCES",
@@ -984,21 +984,19 @@ class Diffusion(ConditionalEstimator):
             raise ValueError(f"unknown sampler {sampler!r}; known: {', '.join(sorted(SAMPLERS))}")
         if log_prob_method not in ODE_METHODS:
             raise ValueError(f"unknown log_prob_method {log_prob_method!r}; known: {', '.join(ODE_METHODS)}")
-        if not float(time_power) > 0:
-            raise ValueError(f"time_power must be positive, got {time_power}")
-        self.hidden = int(hidden)
-        self.blocks = int(blocks)
-        self.time_features = int(time_features)
+        self.hidden = check_int(self.name, "hidden", hidden)
+        self.blocks = check_int(self.name, "blocks", blocks, minimum=0)
+        self.time_features = check_int(self.name, "time_features", time_features, minimum=2)
         self.activation = str(activation)
         self.schedule = VPSchedule(float(beta_min), float(beta_max), float(t_min))
         self.sampler = str(sampler)
-        self.sampler_steps = None if sampler_steps is None else int(sampler_steps)
+        self.sampler_steps = check_int(self.name, "sampler_steps", sampler_steps, optional=True)
         self.log_prob_method = str(log_prob_method)
-        self.log_prob_steps = int(log_prob_steps)
-        self.atol = float(atol)
-        self.rtol = float(rtol)
-        self.exact_divergence_max_dim = int(exact_divergence_max_dim)
-        self.time_power = float(time_power)
+        self.log_prob_steps = check_int(self.name, "log_prob_steps", log_prob_steps)
+        self.atol = check_number(self.name, "atol", atol)
+        self.rtol = check_number(self.name, "rtol", rtol)
+        self.exact_divergence_max_dim = check_int(self.name, "exact_divergence_max_dim", exact_divergence_max_dim, minimum=0)
+        self.time_power = check_number(self.name, "time_power", time_power)
         self.network = _NoiseNetwork(
             self.schedule,
             self.y_dim,

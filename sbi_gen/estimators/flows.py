@@ -34,6 +34,7 @@ from zuko.transforms import AutoregressiveTransform, MonotonicRQSTransform, Tran
 from zuko.utils import broadcast, unpack
 
 from sbi_gen.estimators.base import ConditionalEstimator
+from sbi_gen.nn import check_int, check_number, check_widths
 
 __all__ = [
     "CNF",
@@ -404,10 +405,10 @@ class NSF(ConditionalEstimator):
         passes: int | None = None,
     ):
         super().__init__(y_dim, c_shape, embedding=embedding, embedding_kwargs=embedding_kwargs, y_prior=y_prior)
-        self.transforms = int(transforms)
-        self.hidden_features = [int(h) for h in hidden_features]
-        self.bins = int(bins)
-        self.passes = None if passes is None else int(passes)
+        self.transforms = check_int(self.name, "transforms", transforms)
+        self.hidden_features = check_widths(self.name, "hidden_features", hidden_features)
+        self.bins = check_int(self.name, "bins", bins)
+        self.passes = check_int(self.name, "passes", passes, optional=True)
         # zuko.flows.NSF's architecture (same modules and state-dict keys) with the faster spline.
         self.flow = _masked_autoregressive_flow(
             self.y_dim, self.context_features, self.transforms, self.passes, self.hidden_features,
@@ -475,9 +476,9 @@ class MAF(ConditionalEstimator):
         passes: int | None = None,
     ):
         super().__init__(y_dim, c_shape, embedding=embedding, embedding_kwargs=embedding_kwargs, y_prior=y_prior)
-        self.transforms = int(transforms)
-        self.hidden_features = [int(h) for h in hidden_features]
-        self.passes = None if passes is None else int(passes)
+        self.transforms = check_int(self.name, "transforms", transforms)
+        self.hidden_features = check_widths(self.name, "hidden_features", hidden_features)
+        self.passes = check_int(self.name, "passes", passes, optional=True)
         self.flow = _masked_autoregressive_flow(
             self.y_dim, self.context_features, self.transforms, self.passes, self.hidden_features
         )
@@ -548,10 +549,10 @@ class CNF(ConditionalEstimator):
         exact: bool = True,
     ):
         super().__init__(y_dim, c_shape, embedding=embedding, embedding_kwargs=embedding_kwargs, y_prior=y_prior)
-        self.hidden_features = [int(h) for h in hidden_features]
-        self.freqs = int(freqs)
-        self.atol = float(atol)
-        self.rtol = float(rtol)
+        self.hidden_features = check_widths(self.name, "hidden_features", hidden_features)
+        self.freqs = check_int(self.name, "freqs", freqs, minimum=0)  # 0: a vector field that ignores time
+        self.atol = check_number(self.name, "atol", atol)
+        self.rtol = check_number(self.name, "rtol", rtol)
         self.exact = bool(exact)
         self.flow = zuko.flows.CNF(
             features=self.y_dim,

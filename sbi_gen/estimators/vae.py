@@ -50,7 +50,7 @@ from torch.distributions import (
 )
 
 from sbi_gen.estimators.base import ConditionalEstimator
-from sbi_gen.nn import MLP
+from sbi_gen.nn import MLP, check_int, check_widths
 
 __all__ = [
     "VAE",
@@ -252,26 +252,16 @@ class VAE(ConditionalEstimator):
         iw_seed: int = 0,
     ):
         super().__init__(y_dim, c_shape, embedding=embedding, embedding_kwargs=embedding_kwargs, y_prior=y_prior)
-        self.latent_features = int(latent_features)
-        self.hidden_features = [int(h) for h in hidden_features]
+        self.latent_features = check_int(self.name, "latent_features", latent_features)
+        self.hidden_features = check_widths(self.name, "hidden_features", hidden_features)
         self.conditional_prior = bool(conditional_prior)
-        self.prior_components = int(prior_components)
-        self.train_samples = int(train_samples)
-        self.kl_warmup_steps = int(kl_warmup_steps)
-        self.iw_samples = int(iw_samples)
+        self.prior_components = check_int(self.name, "prior_components", prior_components)
+        self.train_samples = check_int(self.name, "train_samples", train_samples)
+        self.kl_warmup_steps = check_int(self.name, "kl_warmup_steps", kl_warmup_steps, minimum=0)
+        self.iw_samples = check_int(self.name, "iw_samples", iw_samples)
         self.iw_seed = int(iw_seed)
-        if self.latent_features < 1:
-            raise ValueError(f"latent_features must be positive, got {latent_features}")
-        if self.prior_components < 1:
-            raise ValueError(f"prior_components must be positive, got {prior_components}")
         if self.prior_components > 1 and not self.conditional_prior:
             raise ValueError("prior_components > 1 needs conditional_prior=True (the mixture is learned)")
-        if self.train_samples < 1:
-            raise ValueError(f"train_samples must be positive, got {train_samples}")
-        if self.kl_warmup_steps < 0:
-            raise ValueError(f"kl_warmup_steps must be non-negative, got {kl_warmup_steps}")
-        if self.iw_samples < 1:
-            raise ValueError(f"iw_samples must be positive, got {iw_samples}")
         features, latent = self.context_features, self.latent_features
         self.encoder = MLP(self.y_dim + features, 2 * latent, hidden=self.hidden_features)
         self.decoder = MLP(latent + features, 2 * self.y_dim, hidden=self.hidden_features)
