@@ -298,7 +298,9 @@ class _Method(abc.ABC):
         best = min(fitted, key=lambda name: _finite_or_inf(fitted[name][0].best_val_loss))
         race = {name: history.best_val_loss for name, (history, _) in fitted.items()}
         race_seconds = time.perf_counter() - race_started
-        if whole or interrupted:
+        # A race as long as the whole training already trained the winner, except for the state
+        # file a resumable run keeps: then the winner's few epochs run again, to write it.
+        if interrupted or (whole and state_path is None):
             self.history, self.estimator = fitted[best]
             self.estimator_name, self.x_shape = best, x_shape
             self.history.interrupted = self.history.interrupted or interrupted

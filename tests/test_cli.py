@@ -413,6 +413,10 @@ def test_train_auto_reports_both_families_and_keeps_one(tmp_path):
     assert set(losses) == {"nsf", "maf"} and kept == min(losses, key=losses.get)
     config = json.loads((model / "config.json").read_text())
     assert config["estimator_name"] == kept and config["metadata"]["estimator_selection"].keys() == losses.keys()
+    # A race as long as the training still leaves the state the same command resumes from.
+    again = sbi_gen("train", data, "--out", model, "--max-epochs", 2, "--quiet").stdout
+    assert f"resuming the training saved in {model / 'training_state.pt'}" in again
+    assert json.loads((model / "config.json").read_text())["history"]["val_loss"] == config["history"]["val_loss"]
     for named in ([], ["--estimator", "auto"]):
         assert_one_line_error(sbi_gen("train", data, *named, "--estimator-kwargs", '{"transforms": 2}', "--out", tmp_path / "m",
                                       check=False), "name it with --estimator (e.g. nsf) instead of auto, which races nsf and maf")
