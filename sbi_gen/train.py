@@ -265,6 +265,9 @@ def _in_memory(data: Any, config: TrainConfig, device: torch.device, y_key: str,
     if len(y) != len(c):
         raise ValueError(f"y has {len(y)} rows but c has {len(c)}")
     keep = _finite_rows(y, c)
+    if not keep.all():
+        warnings.warn(f"{int((~keep).sum()):,} of {len(keep):,} training rows hold NaN or infinite values and are "
+                      "left out", stacklevel=3)
     y, c = y[keep].float(), c[keep].float()
     if len(y) < 10:
         raise ValueError(f"need at least 10 finite training rows, got {len(y)}")
