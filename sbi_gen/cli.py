@@ -198,7 +198,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     # --seed decides everything: the initial weights as well as the split and the batches.
     torch.manual_seed(args.seed)
     try:
-        history = model.fit(args.data, config=config, state_path=state_path)
+        with _replacing_state(state_path, args.overwrite):
+            history = model.fit(args.data, config=config, state_path=state_path)
     except TrainingStateError as error:
         raise CLIError(f"{error}, or pass --overwrite") from None
     if main:
@@ -244,11 +245,27 @@ def _training_state(args: argparse.Namespace) -> Path:
             raise CLIError(f"{out} is a directory of other files, not a model; choose a new --out")
         if not state_path.exists() and not args.overwrite:
             raise CLIError(f"{out} holds a saved model and no training to resume; pass --overwrite to replace it")
-    if args.overwrite:
-        state_path.unlink(missing_ok=True)
-    elif state_path.exists():
+    if state_path.exists() and not args.overwrite:
         print(f"resuming the training saved in {state_path}", flush=True)
     return state_path
+
+
+@contextlib.contextmanager
+def _replacing_state(state_path: Path | None, overwrite: bool) -> Iterator[None]:
+    """With --overwrite, the training state already in OUT is set aside rather than deleted, and
+    put back if the new training fails before saving one of its own (a bad option, say)."""
+    aside = None if state_path is None else state_path.with_name(f"{state_path.name}.replaced")
+    if aside is not None and overwrite and state_path.exists():
+        os.replace(state_path, aside)
+    try:
+        yield
+    except BaseException:
+        if aside is not None and aside.exists() and not state_path.exists():
+            os.replace(aside, state_path)
+        raise
+    finally:
+        if aside is not None:
+            aside.unlink(missing_ok=True)
 
 
 def _interrupted_training(history: Any, what: str, resumable: bool = False) -> int:
@@ -483,8 +500,9 @@ def _cmd_train_emulator(args: argparse.Namespace) -> int:
     print(f"training a {args.family} emulator on {info['n_valid']:,} valid maps of {info['simulator']}", flush=True)
     torch.manual_seed(args.seed)  # --seed decides the initial weights too
     try:
-        emulator, history = train_emulator(args.data, args.family, hyperparameters, config=config,
-                                           state_path=state_path, **transform)
+        with _replacing_state(state_path, args.overwrite):
+            emulator, history = train_emulator(args.data, args.family, hyperparameters, config=config,
+                                               state_path=state_path, **transform)
     except TrainingStateError as error:
         raise CLIError(f"{error}, or pass --overwrite") from None
     except (TypeError, ValueError) as error:

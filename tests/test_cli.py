@@ -206,6 +206,11 @@ def _observation_and_output_errors(tmp_path, data, model, samples):
     assert (handed_over / "config.json").read_bytes() == (model / "config.json").read_bytes()
     assert "model saved" in sbi_gen(*command, "--out", handed_over, "--overwrite").stdout
     assert json.loads((handed_over / "config.json").read_text())["estimator_name"] == "maf"
+    state = (handed_over / "training_state.pt").read_bytes()
+    assert_one_line_error(sbi_gen(*command, "--estimator-kwargs", '{"transforms": -2}', "--out", handed_over,
+                                  "--overwrite", check=False), "maf: transforms must be positive, got -2")
+    assert (handed_over / "training_state.pt").read_bytes() == state  # set aside, then put back
+    assert sorted(p.name for p in handed_over.iterdir()) == ["config.json", "training_state.pt", "weights.pt"]
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("mine")
