@@ -269,6 +269,27 @@ def _check_pairs(theta: Any, x: Any) -> tuple[Tensor, Tensor]:
     return theta, x
 
 
+def _check_count(name: str, value: int, least: int = 1) -> int:
+    if int(value) != value or value < least:
+        raise ValueError(f"{name} must be an integer of at least {least}, got {value!r}")
+    return int(value)
+
+
+def _check_alpha(alpha: float) -> float:
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha is a significance level and must lie strictly between 0 and 1, got {alpha!r}")
+    return float(alpha)
+
+
+def _check_names(names: Sequence[str] | None, count: int, what: str) -> list[str] | None:
+    if names is None:
+        return None
+    names = list(names)
+    if len(names) != count:
+        raise ValueError(f"names has {len(names)} entries but there are {count} {what}")
+    return names
+
+
 @dataclass
 class Draws:
     """Posterior draws for many observations, shared by several diagnostics (draw once, test thrice).
@@ -301,6 +322,7 @@ def posterior_draws(
         torch.Size([10, 4, 2])
     """
     started = time.perf_counter()
+    n_samples = _check_count("n_samples", n_samples)
     posterior = as_batched_posterior(posterior)
     x = _as_tensor(x)
     stream = _derived_seed(seed, "posterior")
@@ -477,7 +499,8 @@ def sbc(
         theta: ``(N, D)`` parameters drawn from the prior the posterior was trained with.
         x: ``(N, *x_shape)`` their simulations.
         n_samples: Posterior draws per observation :math:`L` (ranks lie in ``{0..L}``).
-        n_bins: Bins of the χ² test; default ``min(20, N // 10)`` (at least 5 expected per bin).
+        n_bins: Bins of the χ² test, from 2 to the ``n_samples + 1`` possible ranks; default
+            ``min(20, N // 10, n_samples + 1)`` (at least 5 expected per bin).
         seed: Seed of the posterior draws and of the PIT randomization.
         names: Parameter names (default ``theta_1 ...``).
         alpha: Family-wise level of the verdict.
@@ -495,15 +518,21 @@ def sbc(
         False
     """
     started = time.perf_counter()
+    alpha = _check_alpha(alpha)
     posterior = as_batched_posterior(posterior)
     theta, x = _check_pairs(theta, x)
     n, dim = theta.shape
+    names = _check_names(names, dim, "parameters") or [f"theta_{d + 1}" for d in range(dim)]
     draws = _draws(posterior, x, n_samples, seed, dim, draws)
     n_samples = len(draws.samples)
     ranks = (draws.samples < theta[None]).sum(0)  # (N, D)
-    n_bins = max(2, min(20, n // 10)) if n_bins is None else int(n_bins)
+    # A bin holding no possible rank would have zero expected count (χ² p-value NaN).
+    if n_bins is None:
+        n_bins = max(2, min(20, n // 10, n_samples + 1))
+    elif int(n_bins) != n_bins or not 2 <= n_bins <= n_samples + 1:
+        raise ValueError(f"n_bins must be an integer from 2 to the {n_samples + 1} possible ranks, got {n_bins!r}")
+    n_bins = int(n_bins)
     pit = _randomized_pit(ranks, n_samples, _generator(seed, "pit"))
-    names = list(names) if names is not None else [f"theta_{d + 1}" for d in range(dim)]
     return SBCResult(
         ranks=ranks.numpy().astype(np.int64),
         n_samples=n_samples,
@@ -647,6 +676,8 @@ def expected_coverage(
         'under-confident'
     """
     started = time.perf_counter()
+    alpha, levels = _check_alpha(alpha), _check_count("levels", levels, least=2)
+    batch_size = _check_count("batch_size", batch_size)
     posterior = as_batched_posterior(posterior)
     theta, x = _check_pairs(theta, x)
     use_log_prob = use_log_prob and posterior.log_prob is not None
@@ -734,16 +765,25 @@ def tarp(
         True
     """
     started = time.perf_counter()
+    alpha, levels = _check_alpha(alpha), _check_count("levels", levels, least=2)
     posterior = as_batched_posterior(posterior)
     theta, x = _check_pairs(theta, x)
     n, dim = theta.shape
-    draws = _draws(posterior, x, n_samples, seed, dim, draws)
-    n_samples = len(draws.samples)
-    generator = _generator(seed, "references")
     if bounds is None:
         lower, upper = theta.min(0).values, theta.max(0).values
     else:
-        lower, upper = (_as_tensor(b).expand(dim) for b in bounds)
+        lower, upper = (_as_tensor(b) for b in bounds)
+        if lower.numel() not in (1, dim) or upper.numel() not in (1, dim):
+            raise ValueError(f"bounds must be (lower, upper) with {dim} values each, got {lower.numel()} and {upper.numel()}")
+        lower, upper = lower.reshape(-1).expand(dim), upper.reshape(-1).expand(dim)
+        # A reversed or empty box would flip or collapse the distances the statistic ranks.
+        if not bool((torch.isfinite(lower) & torch.isfinite(upper) & (lower < upper)).all()):
+            raise ValueError("bounds must be finite with lower strictly below upper in every coordinate")
+    if references is not None and not bool(torch.isfinite(_as_tensor(references)).all()):
+        raise ValueError("references contain NaN or inf")
+    draws = _draws(posterior, x, n_samples, seed, dim, draws)
+    n_samples = len(draws.samples)
+    generator = _generator(seed, "references")
     width = torch.where(upper > lower, upper - lower, torch.ones_like(upper))
     if references is None:
         refs = torch.rand(n, dim, generator=generator, dtype=theta.dtype)
@@ -867,8 +907,11 @@ def posterior_predictive_check(
     Returns:
         :class:`PPCResult`.
     """
+    alpha = _check_alpha(alpha)
     theta_samples = np.asarray(_as_tensor(theta_samples, torch.float64))
     x_obs = np.asarray(_as_tensor(x_obs, torch.float64))
+    if not np.isfinite(x_obs).all():
+        raise ValueError("x_obs contains NaN or inf; a posterior predictive check needs a finite observation")
     x_pred = np.asarray(simulator(theta_samples, seed)["x"], dtype=np.float64)
     if x_pred.shape[1:] != x_obs.shape:
         raise ValueError(f"x_obs has shape {x_obs.shape} but the simulator returns {x_pred.shape[1:]}")
@@ -885,6 +928,7 @@ def posterior_predictive_check(
     pred = pred[np.isfinite(pred).all(axis=1)]
     if len(pred) < 10:
         raise ValueError(f"only {len(pred)} posterior-predictive simulations are finite; need at least 10")
+    names = _check_names(names, len(obs), "summaries")
     if names is None:
         given = getattr(simulator, "observable_names", None)
         names = list(given) if given and len(given) == len(obs) else [f"s_{k + 1}" for k in range(len(obs))]

@@ -33,7 +33,7 @@ from torch import Tensor
 from torch.distributions import Distribution
 
 from sbi_gen.estimators import DEFAULT_ESTIMATOR, ESTIMATORS, ConditionalEstimator, build_estimator
-from sbi_gen.mcmc import MCMCResult, run_mcmc
+from sbi_gen.mcmc import SAMPLERS, MCMCResult, run_mcmc
 from sbi_gen.nn import default_embedding
 from sbi_gen.priors import PointMass, Prior, prior_from_dict
 from sbi_gen.store import TrainingSet, load, read_info
@@ -111,6 +111,27 @@ def _race_epochs(n_rows: int, config: TrainConfig) -> int:
 
 def _finite_or_inf(value: float) -> float:
     return value if math.isfinite(value) else math.inf
+
+
+def _sample_shape(sample_shape: torch.Size | Sequence[int] | int) -> torch.Size:
+    """``sample((n,))``'s shape; a bare ``n`` is taken as ``(n,)``, and negative sizes are refused."""
+    shape = torch.Size([sample_shape] if isinstance(sample_shape, int) else sample_shape)
+    if any(size < 0 for size in shape):
+        raise ValueError(f"sample_shape must have non-negative sizes, got {tuple(shape)}")
+    return shape
+
+
+def _check_inside_support(prior: Prior, theta: Tensor) -> None:
+    """Training θ outside the prior would be clamped by its bijection, or never sampled again:
+    refused, since it means they were drawn from another prior. Non-finite rows are fit's to drop."""
+    theta = torch.as_tensor(theta)
+    finite = torch.isfinite(theta).all(dim=-1)
+    if theta.ndim != 2 or theta.shape[1] != prior.dim or not finite.any():
+        return  # fit names the shape problem, or that there is nothing to train on
+    outside = int((~prior.support.check(theta[finite].to(torch.get_default_dtype()))).sum())
+    if outside:
+        raise ValueError(f"{outside:,} of {int(finite.sum()):,} training θ lie outside the prior's support: "
+                         "they were drawn from another prior; pass that one")
 
 
 def check_drawn_from_prior(prior: Prior, path: str | os.PathLike[str] | None = None) -> None:
@@ -213,6 +234,8 @@ class _Method(abc.ABC):
         if self.prior is None:
             raise ValueError("no prior: pass prior= or train from an HDF5 training set, which records its prior")
         check_drawn_from_prior(self.prior, data if isinstance(data, (str, os.PathLike)) else None)
+        if not info:  # a file's θ were drawn from the prior it records
+            _check_inside_support(self.prior, theta)
         if theta_shape[1] != self.prior.dim:
             raise ValueError(f"theta has {theta_shape[1]} parameters but the prior has {self.prior.dim}")
         x_shape = x_shape_full[1:]
@@ -366,6 +389,8 @@ class _Method(abc.ABC):
         if tuple(x.shape[1:]) != self.x_shape or (x.shape[0] != 1 and not allow_many):
             expected = f"{self.x_shape}" + (f" or (n_obs, {', '.join(map(str, self.x_shape))})" if allow_many else "")
             raise ValueError(f"x_obs has shape {tuple(x.shape)}, but the model was trained on observations of shape {expected}")
+        if len(x) == 0:
+            raise ValueError("x_obs holds no observation")
         if not torch.isfinite(x).all():
             raise ValueError("x_obs contains NaN or infinite values")
         return x.to(self.device)
@@ -530,9 +555,11 @@ class NPEPosterior(Distribution):
         return self.prior.support
 
     @torch.no_grad()
-    def sample(self, sample_shape: torch.Size | Sequence[int] = torch.Size()) -> Tensor:
-        shape = torch.Size(sample_shape)
+    def sample(self, sample_shape: torch.Size | Sequence[int] | int = torch.Size()) -> Tensor:
+        shape = _sample_shape(sample_shape)
         n = math.prod(shape)
+        if n == 0:
+            return torch.empty(*shape, self.prior.dim, device=self.x_obs.device)
         accepted: list[Tensor] = []
         drawn = kept = 0
         while kept < n:
@@ -653,6 +680,11 @@ class NLE(_Method):
         Where the acceptance (``posterior.mcmc.acceptance``) stays below about 0.1 the draws
         are strongly correlated: check with ``sampler="slice"``.
         """
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; known: {', '.join(SAMPLERS)}")
+        for name, value, least in (("n_chains", n_chains, 1), ("warmup", warmup, 0), ("thin", thin, 1)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+                raise ValueError(f"{name} must be an integer of at least {least} (or None for the default), got {value!r}")
         return NLEPosterior(self, self._observations(x_obs, allow_many=True), sampler, n_chains, warmup, thin, seed)
 
     def log_likelihood(self, theta: Tensor, x_obs: Tensor) -> Tensor:
@@ -708,8 +740,10 @@ class NLEPosterior(Distribution):
             out = out.masked_scatter(inside, log_prior[inside] + log_lik)
         return out.reshape(theta.shape[:-1])
 
-    def sample(self, sample_shape: torch.Size | Sequence[int] = torch.Size()) -> Tensor:
-        shape = torch.Size(sample_shape)
+    def sample(self, sample_shape: torch.Size | Sequence[int] | int = torch.Size()) -> Tensor:
+        shape = _sample_shape(sample_shape)
+        if math.prod(shape) == 0 and len(shape) > 0:
+            return torch.empty(*shape, self.prior.dim)
         n = max(math.prod(shape), 1)
         imh = self.sampler == "imh"
         n_chains = self.n_chains or (min(max(n // 40, 100), 250) if imh else 100)

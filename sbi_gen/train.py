@@ -141,25 +141,43 @@ class TrainConfig:
     min_delta: float = 0.0
 
     def __post_init__(self) -> None:
+        # Checked here, not where torch meets them: "256", 32.7 or a negative clip would fail deep
+        # inside training, or (clip_grad_norm < 0) silently turn descent into ascent.
         for name in ("batch_size", "max_epochs", "patience", "lr_patience"):
-            if int(getattr(self, name)) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if not 0 < self.val_fraction < 1:
-            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
-        if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
-        if int(self.seed) < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {self.seed}")
+            _check(name, getattr(self, name), _is_int, "a positive integer", lambda v: v > 0)
+        _check("seed", self.seed, _is_int, "a non-negative integer", lambda v: 0 <= v < 2**63)
+        if self.streaming_threshold is not None:
+            _check("streaming_threshold", self.streaming_threshold, _is_int, "a positive number of bytes", lambda v: v > 0)
+        _check("val_fraction", self.val_fraction, _is_real, "in (0, 1)", lambda v: 0 < v < 1)
+        _check("learning_rate", self.learning_rate, _is_real, "a positive finite number", lambda v: 0 < v < math.inf)
+        _check("min_learning_rate", self.min_learning_rate, _is_real, "a non-negative finite number",
+               lambda v: 0 <= v < math.inf)
+        _check("weight_decay", self.weight_decay, _is_real, "a non-negative finite number", lambda v: 0 <= v < math.inf)
+        _check("lr_factor", self.lr_factor, _is_real, "in (0, 1)", lambda v: 0 < v < 1)
+        if self.clip_grad_norm is not None:
+            _check("clip_grad_norm", self.clip_grad_norm, _is_real, "a positive finite number or None",
+                   lambda v: 0 < v < math.inf)
+        if self.ema_decay is not None:
+            _check("ema_decay", self.ema_decay, _is_real, "in (0, 1) or None", lambda v: 0 < v < 1)
+        _check("min_delta", self.min_delta, _is_real, "a non-negative loss difference", lambda v: 0 <= v < math.inf)
         if self.streaming not in (True, False, None):
             raise ValueError(f"streaming must be True, False or None (auto), got {self.streaming!r}")
-        if self.streaming_threshold is not None and int(self.streaming_threshold) <= 0:
-            raise ValueError(f"streaming_threshold must be a positive number of bytes, got {self.streaming_threshold}")
-        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
-            raise ValueError(f"ema_decay must be in (0, 1) or None, got {self.ema_decay}")
         if self.lr_schedule not in ("plateau", "cosine"):
             raise ValueError(f"lr_schedule must be 'plateau' or 'cosine', got {self.lr_schedule!r}")
-        if not self.min_delta >= 0:
-            raise ValueError(f"min_delta must be a non-negative loss difference, got {self.min_delta}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+def _check(name: str, value: Any, kind: Callable[[Any], bool], wanted: str, allowed: Callable[[Any], bool]) -> None:
+    """A TrainConfig field of the right type and range, else a ValueError saying what it must be."""
+    if not kind(value) or not allowed(value):
+        raise ValueError(f"{name} must be {wanted}, got {value!r}")
 
 
 @dataclass
@@ -216,7 +234,10 @@ def _as_tensors(data: Any, y_key: str, c_key: str) -> tuple[Tensor, Tensor]:
 
 
 def _finite_rows(y: Tensor, c: Tensor) -> Tensor:
-    return torch.isfinite(y.reshape(len(y), -1)).all(1) & torch.isfinite(c.reshape(len(c), -1)).all(1)
+    # flatten, not reshape(n, -1): that fails for zero rows, which the caller reports clearly.
+    return torch.isfinite(y.flatten(1) if y.dim() > 1 else y[:, None]).all(1) & torch.isfinite(
+        c.flatten(1) if c.dim() > 1 else c[:, None]
+    ).all(1)
 
 
 def default_streaming_threshold() -> int:

@@ -175,6 +175,77 @@ def test_bad_inputs_give_clear_errors(pairs):
         sbc(object(), theta, x)
 
 
+def test_sbc_with_few_draws_bins_only_possible_ranks(pairs):
+    from sbi_gen.diagnostics import _chi2_uniform_ranks
+
+    theta, x = pairs
+    # 5 draws leave 6 possible ranks: the default 20 bins would include empty ones (p = NaN).
+    result = sbc(posterior("exact"), theta, x, n_samples=5, seed=1)
+    assert result.n_bins == 6 and np.isfinite(result.chi2_p_values).all()
+    assert result.passed, result.verdict
+    # Ranks spread exactly evenly over {0..5} fit uniform perfectly (χ² = 0, p = 1) for every
+    # binning, also unequal ones such as 4 bins of 2, 1, 2, 1 ranks.
+    even = np.repeat(np.arange(6), 50)[:, None]
+    for n_bins in range(2, 7):
+        np.testing.assert_allclose(_chi2_uniform_ranks(even, 5, n_bins), [1.0])
+    for n_bins in (1, 7):
+        with pytest.raises(ValueError, match="n_bins must be an integer from 2 to the 6 possible ranks"):
+            sbc(posterior("exact"), theta, x, n_samples=5, n_bins=n_bins)
+
+
+def test_names_must_match_the_dimension(pairs):
+    theta, x = pairs
+    with pytest.raises(ValueError, match="names has 1 entries but there are 2 parameters"):
+        sbc(posterior("exact"), theta, x, n_samples=5, names=["mass"])
+    good = posterior("exact").sample(x[:1], 100, 0)[:, 0]
+    with pytest.raises(ValueError, match="names has 3 entries but there are 2 summaries"):
+        posterior_predictive_check(_toy_simulator(), good, x[0], names=["a", "b", "c"])
+    assert sbc(posterior("exact"), theta, x, n_samples=5, names=["a", "b"]).names == ["a", "b"]
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_posterior_predictive_check_refuses_a_non_finite_observation(pairs, value):
+    _, x = pairs
+    good = posterior("exact").sample(x[:1], 100, 0)[:, 0]
+    x_obs = x[0].clone()
+    x_obs[1] = value
+    with pytest.raises(ValueError, match="x_obs contains NaN or inf"):
+        posterior_predictive_check(_toy_simulator(), good, x_obs)
+
+
+def test_levels_references_and_bounds_are_checked(pairs):
+    theta, x = pairs
+    post = posterior("exact")
+    for alpha in (0.0, 1.5, math.nan):
+        with pytest.raises(ValueError, match="alpha is a significance level"):
+            expected_coverage(post, theta, x, n_samples=5, alpha=alpha)
+    with pytest.raises(ValueError, match="alpha is a significance level"):
+        sbc(post, theta, x, n_samples=5, alpha=5)
+    with pytest.raises(ValueError, match="alpha is a significance level"):
+        tarp(post, theta, x, n_samples=5, alpha=-0.1)
+    with pytest.raises(ValueError, match="references contain NaN or inf"):
+        tarp(post, theta, x, n_samples=5, references=torch.full_like(theta, math.nan))
+    lower, upper = torch.tensor([-5.0, -5.0]), torch.tensor([5.0, 5.0])
+    for bounds in ((torch.tensor([-5.0, 5.0]), upper), (upper, lower), (lower, torch.tensor([5.0, math.inf]))):
+        with pytest.raises(ValueError, match="lower strictly below upper"):
+            tarp(post, theta, x, n_samples=5, bounds=bounds)
+    with pytest.raises(ValueError, match="2 values each, got 3 and 2"):
+        tarp(post, theta, x, n_samples=5, bounds=(torch.zeros(3), upper))
+    assert tarp(post, theta, x, n_samples=L, seed=1, bounds=(-5.0, 5.0)).passed
+
+
+def test_counts_must_be_positive(pairs):
+    theta, x = pairs
+    post = posterior("exact")
+    for n_samples in (0, -1):
+        for diagnostic in (sbc, expected_coverage, tarp):
+            with pytest.raises(ValueError, match="n_samples must be an integer of at least 1"):
+                diagnostic(post, theta, x, n_samples=n_samples)
+    for diagnostic in (expected_coverage, tarp):
+        with pytest.raises(ValueError, match="levels must be an integer of at least 2"):
+            diagnostic(post, theta, x, n_samples=5, levels=0)
+
+
 def _toy_simulator():
     return as_simulator(lambda theta, rng: theta + rng.normal(size=theta.shape), Gaussian([0.0, 0.0], scale=1.0))
 

@@ -207,6 +207,23 @@ def test_clear_errors_for_bad_use():
     for method in (NPE, NLE):  # simulations at one θ are observations, not a training set
         with pytest.raises(ValueError, match=r"these are simulations at one fixed θ \[0.5, 0.1\]"):
             method(PointMass([0.5, 0.1])).fit((np.full((20, 2), [0.5, 0.1]), np.zeros((20, 2))))
+    box = BoxUniform([-1.0, -1.0], [1.0, 1.0])
+    with pytest.raises(ValueError, match="^3 of 20 training θ lie outside the prior's support"):
+        NPE(box).fit((np.r_[np.zeros((17, 2)), np.full((3, 2), 1.5)], np.zeros((20, 2))))
+    with pytest.raises(ValueError, match="need at least 10 finite training rows, got 0"):
+        NPE(prior).fit((np.zeros((0, 2)), np.zeros((0, 2))))
+    posterior = npe.posterior(np.zeros(2))
+    assert posterior.sample(3).shape == (3, 2) and posterior.sample((0,)).shape == (0, 2)  # a bare n is (n,)
+    with pytest.raises(ValueError, match=r"sample_shape must have non-negative sizes, got \(-1,\)"):
+        posterior.sample((-1,))
+    nle = NLE(prior, estimator_kwargs={"transforms": 1, "hidden_features": [8]})
+    nle.fit((data["theta"], data["x"]), config=TrainConfig(max_epochs=1, progress=False))
+    for options, message in [({"n_chains": 0}, "n_chains must be an integer of at least 1"),
+                             ({"sampler": "nuts"}, "unknown sampler 'nuts'; known: slice, hmc, imh")]:
+        with pytest.raises(ValueError, match=message):
+            nle.posterior(np.zeros(2), **options)
+    with pytest.raises(ValueError, match="x_obs holds no observation"):
+        nle.posterior(np.zeros((0, 2)))
 
 
 def test_default_estimators_differ_by_method():

@@ -104,6 +104,18 @@ def test_bad_inputs():
         TrainConfig(val_fraction=1.5)
     with pytest.raises(ValueError, match="batch_size"):
         TrainConfig(batch_size=0)
+    # Wrong types and ranges are named here, not inside torch (or, for a negative clip, not at all:
+    # clipping to a negative norm flips every gradient).
+    for field, value, wanted in [
+        ("clip_grad_norm", -1.0, "a positive finite number or None"),
+        ("batch_size", "256", "a positive integer"),
+        ("max_epochs", 2.5, "a positive integer"),
+        ("learning_rate", math.nan, "a positive finite number"),
+        ("lr_factor", 2, "in \\(0, 1\\)"),
+        ("weight_decay", -1, "a non-negative finite number"),
+    ]:
+        with pytest.raises(ValueError, match=f"^{field} must be {wanted}, got "):
+            TrainConfig(**{field: value})
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="no CUDA GPU"):
             fit(est, (y, c), config=TrainConfig(device="cuda", progress=False))
