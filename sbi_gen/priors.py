@@ -113,6 +113,15 @@ class Prior(Distribution, abc.ABC):
     def to_json(self) -> str:
         return json.dumps(self.to_dict())
 
+    def _as_theta(self, value: Any, dtype: torch.dtype) -> Tensor:
+        """``value`` as a tensor ``(*, D)``; ValueError if its rows are not D wide (broadcasting
+        a narrower θ against the prior's D parameters would give a plausible, wrong density)."""
+        value = torch.as_tensor(value, dtype=dtype)
+        if value.ndim == 0 or value.shape[-1] != self.dim:
+            got = "theta is a scalar" if value.ndim == 0 else f"theta has {value.shape[-1]} parameters per row"
+            raise ValueError(f"{got}, but the prior has {self.dim} ({', '.join(self.names)})")
+        return value
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(self.names)})"
 
@@ -153,6 +162,8 @@ class BoxUniform(Prior):
         self.high = torch.as_tensor(high, dtype=torch.get_default_dtype()).reshape(-1)
         if self.low.shape != self.high.shape:
             raise ValueError(f"low has shape {tuple(self.low.shape)} but high has {tuple(self.high.shape)}")
+        if not (torch.isfinite(self.low).all() and torch.isfinite(self.high).all()):
+            raise ValueError(f"the bounds of a uniform prior must be finite, got low={self.low.tolist()}, high={self.high.tolist()}")
         if not torch.all(self.high > self.low):
             raise ValueError("every upper bound must exceed its lower bound")
         super().__init__(self.low.numel(), names, units)
@@ -179,7 +190,7 @@ class BoxUniform(Prior):
         return low + (high - low) * rng.random((n, self.dim))
 
     def log_prob(self, value: Tensor) -> Tensor:
-        value = torch.as_tensor(value, dtype=self.low.dtype)
+        value = self._as_theta(value, self.low.dtype)
         inside = ((value >= self.low) & (value <= self.high)).all(dim=-1)
         density = -torch.log(self.high - self.low).sum()
         return torch.where(inside, density, torch.tensor(-torch.inf, dtype=value.dtype))
@@ -221,10 +232,17 @@ class Gaussian(Prior):
         dtype = torch.get_default_dtype()
         self.loc = torch.as_tensor(mean, dtype=dtype).reshape(-1)
         dim = self.loc.numel()
+        if not torch.isfinite(self.loc).all():
+            raise ValueError(f"the mean of a Gaussian prior must be finite, got {self.loc.tolist()}")
         if (scale is None) == (covariance is None):
             raise ValueError("give exactly one of scale (diagonal) or covariance (full)")
         if scale is not None:
-            scale = torch.as_tensor(scale, dtype=dtype).expand(dim).clone()
+            scale = torch.as_tensor(scale, dtype=dtype)
+            if scale.ndim > 1 or scale.numel() not in (1, dim):
+                raise ValueError(f"scale must be one number or {dim} (one per parameter of the mean), got shape {tuple(scale.shape)}")
+            scale = scale.expand(dim).clone()
+            if not torch.isfinite(scale).all():
+                raise ValueError(f"Gaussian prior scales must be finite, got {scale.tolist()}")
             if not torch.all(scale > 0):
                 raise ValueError("Gaussian prior scales must be positive")
             self.covariance = torch.diag(scale**2)
@@ -233,6 +251,8 @@ class Gaussian(Prior):
             self.covariance = torch.as_tensor(covariance, dtype=dtype)
             if self.covariance.shape != (dim, dim):
                 raise ValueError(f"covariance must have shape ({dim}, {dim}), got {tuple(self.covariance.shape)}")
+            if not torch.isfinite(self.covariance).all():
+                raise ValueError("the covariance matrix must be finite")
             self.diagonal = False
         symmetric = torch.allclose(self.covariance, self.covariance.T)
         if not symmetric or torch.linalg.cholesky_ex(self.covariance).info != 0:
@@ -260,7 +280,7 @@ class Gaussian(Prior):
         return self.loc.double().numpy() + rng.standard_normal((n, self.dim)) @ cholesky.T
 
     def log_prob(self, value: Tensor) -> Tensor:
-        return self._mvn.log_prob(torch.as_tensor(value, dtype=self.loc.dtype))
+        return self._mvn.log_prob(self._as_theta(value, self.loc.dtype))
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"type": "Gaussian", "mean": _plain(self.loc), "names": self.names, "units": self.units}
@@ -350,7 +370,7 @@ class IndependentPrior(Prior):
         return np.stack(columns, axis=-1)
 
     def log_prob(self, value: Tensor) -> Tensor:
-        value = torch.as_tensor(value, dtype=torch.get_default_dtype())
+        value = self._as_theta(value, torch.get_default_dtype())
         total = torch.zeros(value.shape[:-1], dtype=value.dtype)
         for i, factor in enumerate(self.factors):
             v = value[..., i]
@@ -434,7 +454,7 @@ class PointMass(Prior):
         return np.repeat(self.value.double().numpy()[None], n, axis=0)
 
     def log_prob(self, value: Tensor) -> Tensor:
-        at_point = self.support.check(value)
+        at_point = self.support.check(self._as_theta(value, self.value.dtype))
         return torch.where(at_point, 0.0, -torch.inf).to(self.value.dtype)
 
     def to_dict(self) -> dict[str, Any]:

@@ -273,6 +273,11 @@ def simulate(
 
     Returns ``{"theta", "x", "latents", "augmented", "valid"}`` as numpy arrays.
     """
+    from sbi_gen.store import check_seed  # not at the top: sbi_gen.store imports this module
+
+    check_seed(seed)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size <= 0:
+        raise ValueError(f"the chunk size must be a positive integer, got {chunk_size!r}")
     if theta is not None:
         theta = _to_numpy(theta).astype(np.float64)
         if theta.ndim != 2 or theta.shape[1] != len(simulator.parameter_names):
@@ -281,10 +286,10 @@ def simulate(
         x = out["x"]
         valid = np.isfinite(x.reshape(len(x), -1)).all(axis=1)
         return {"theta": theta, **out, "valid": valid}
-    if n is None or int(n) <= 0:
-        raise ValueError(f"the number of simulations must be a positive integer, got {n}")
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n <= 0:
+        raise ValueError(f"the number of simulations must be a positive integer, got {n!r}")
     prior = prior if prior is not None else simulator.prior
-    n = int(n)
+    n, chunk_size = int(n), int(chunk_size)
     sizes = [min(chunk_size, n - start) for start in range(0, n, chunk_size)]
     chunks = [run_chunk(simulator, prior, m, ss) for m, ss in zip(sizes, chunk_seeds(seed, len(sizes)), strict=True)]
     return concatenate_chunks(chunks)

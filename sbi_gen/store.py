@@ -1075,12 +1075,15 @@ def load(
 
     Arguments:
         path: The file.
-        rows: A slice or sorted row indices to read; ``None`` reads everything.
+        rows: A slice, sorted row indices, or a boolean mask with one entry per row, to read;
+            ``None`` reads everything.
         valid_only: Drop rows whose simulation failed or produced non-finite x.
         latents: Also load ``latents/*``.
         augmented: Also load ``augmented/*``.
         dtype: Floating dtype of the returned tensors.
     """
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise StoreError(f"dtype must be a floating torch dtype such as torch.float32, got {dtype!r}")
     info = read_info(path)
     n = int(info["n_simulations"])
     if rows is None:
@@ -1088,7 +1091,15 @@ def load(
     elif isinstance(rows, slice):
         selection = slice(*rows.indices(n))
     else:
-        selection = np.asarray(rows, dtype=np.int64)
+        selection = np.asarray(rows)
+        if selection.dtype == bool:
+            if selection.shape != (n,):
+                raise StoreError(f"a boolean row mask needs one entry per row ({n}) of {path}, got shape {selection.shape}")
+            selection = np.flatnonzero(selection)
+        elif selection.size and not np.issubdtype(selection.dtype, np.integer):
+            # Casting would read row 1 for 1.7: refuse rather than guess.
+            raise StoreError(f"row indices must be integers (or a boolean mask), got {selection.dtype} values")
+        selection = selection.astype(np.int64)
         if selection.ndim != 1 or (len(selection) and (selection.min() < 0 or selection.max() >= n)):
             raise StoreError(f"row indices must be 1-D and within [0, {n}) for {path}")
         if np.any(np.diff(selection) <= 0):
@@ -1130,5 +1141,10 @@ def train_val_split(n: int, val_fraction: float = 0.1, seed: int = 0) -> tuple[n
     if n < 2:
         raise ValueError(f"need at least 2 rows to split into training and validation, got {n}")
     n_val = max(1, round(n * val_fraction))
+    if n_val >= n:
+        raise ValueError(
+            f"a validation fraction of {val_fraction} of {n} rows leaves {n - n_val} for training and {n_val} "
+            "for validation; each part needs at least one row"
+        )
     order = np.random.default_rng(seed).permutation(n)
     return np.sort(order[n_val:]), np.sort(order[:n_val])

@@ -122,3 +122,42 @@ def test_point_mass_puts_every_draw_on_its_value_and_has_no_bijection():
     assert again.to_dict()["value"] == [0.2, -0.3]
     with pytest.raises(ValueError, match="no bijection"):
         prior.transform  # noqa: B018
+
+
+@pytest.mark.parametrize("kind", sorted(PRIORS))
+def test_log_prob_refuses_theta_of_the_wrong_width(kind):
+    prior = PRIORS[kind]()
+    narrow = torch.zeros(4, prior.dim - 1)
+    with pytest.raises(ValueError, match=rf"theta has {prior.dim - 1} parameters per row, but the prior has {prior.dim} \({prior.names[0]}, "):
+        prior.log_prob(narrow)
+    with pytest.raises(ValueError, match=rf"theta has {prior.dim + 1} parameters per row"):
+        prior.log_prob(torch.zeros(prior.dim + 1))
+
+
+def test_a_one_wide_theta_is_not_broadcast_against_a_box_or_a_point_mass():
+    with pytest.raises(ValueError, match=r"theta has 1 parameters per row, but the prior has 2 \(a, b\)"):
+        BoxUniform([0.0, 0.0], [1.0, 1.0], names=["a", "b"]).log_prob(torch.tensor([[0.5], [2.0]]))
+    with pytest.raises(ValueError, match=r"theta is a scalar, but the prior has 2 \(a, b\)"):
+        PointMass([0.3, 0.8], names=["a", "b"]).log_prob(torch.tensor(0.3))
+    assert PointMass([0.3, 0.8]).log_prob(torch.tensor([0.3, 0.8])) == 0
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: BoxUniform([-math.inf], [1.0]), r"bounds of a uniform prior must be finite, got low=\[-inf\]"),
+        (lambda: BoxUniform([0.0, 0.0], [1.0, math.inf]), r"bounds of a uniform prior must be finite.*high=\[1.0, inf\]"),
+        (lambda: BoxUniform([math.nan], [1.0]), r"bounds of a uniform prior must be finite, got low=\[nan\]"),
+        (lambda: Gaussian([0.0, math.nan], scale=1.0), r"mean of a Gaussian prior must be finite, got \[0.0, nan\]"),
+        (lambda: Gaussian([math.inf], scale=1.0), r"mean of a Gaussian prior must be finite"),
+        (lambda: Gaussian([0.0], scale=math.nan), r"scales must be finite, got \[nan\]"),
+        (lambda: Gaussian([0.0, 0.0], scale=[1.0, math.inf]), r"scales must be finite, got \[1.0, inf\]"),
+        (lambda: Gaussian([0.0], covariance=[[math.nan]]), r"covariance matrix must be finite"),
+        (lambda: Gaussian([0.0, 0.0], covariance=[[1.0, math.inf], [math.inf, 1.0]]), r"covariance matrix must be finite"),
+        (lambda: Gaussian([0.0, 0.0], scale=[1.0, 2.0, 3.0]), r"scale must be one number or 2 .*got shape \(3,\)"),
+        (lambda: Gaussian([0.0, 0.0], scale=[[1.0, 2.0]]), r"scale must be one number or 2 .*got shape \(1, 2\)"),
+    ],
+)
+def test_non_finite_or_misshapen_prior_arguments_are_refused(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()

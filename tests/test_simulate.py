@@ -66,3 +66,33 @@ def test_raising_rows_are_isolated_and_counted():
     assert "diverged at large a" in chunk["first_error"]
     assert np.array_equal(chunk["valid"], ~bad)
     assert np.isnan(chunk["x"][bad]).all() and np.isfinite(chunk["x"][~bad]).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"n": 2.5}, r"number of simulations must be a positive integer, got 2.5"),
+        ({"n": "10"}, r"number of simulations must be a positive integer, got '10'"),
+        ({"n": True}, r"number of simulations must be a positive integer, got True"),
+        ({"n": 0}, r"number of simulations must be a positive integer, got 0"),
+        ({"n": None}, r"number of simulations must be a positive integer, got None"),
+        ({"n": 10, "chunk_size": 0}, r"chunk size must be a positive integer, got 0"),
+        ({"n": 10, "chunk_size": -1}, r"chunk size must be a positive integer, got -1"),
+        ({"n": 10, "chunk_size": 2.0}, r"chunk size must be a positive integer, got 2.0"),
+        ({"n": 10, "seed": -1}, r"seed must be an integer from 0 to .*got -1"),
+        ({"n": 10, "seed": 1.5}, r"seed must be an integer from 0 to .*got 1.5"),
+        ({"theta": np.zeros((3, 2)), "seed": -1}, r"seed must be an integer from 0 to .*got -1"),
+    ],
+)
+def test_bad_counts_chunk_sizes_and_seeds_are_refused_before_simulating(kwargs, match):
+    calls = []
+    sim = as_simulator(lambda theta: calls.append(len(theta)) or theta, PRIOR, observable_shape=(2,))
+    with pytest.raises(ValueError, match=match):
+        simulate(sim, **kwargs)
+    assert calls == []
+
+
+def test_numpy_integer_counts_are_accepted():
+    sim = as_simulator(lambda theta, rng: theta, PRIOR)
+    out = simulate(sim, n=np.int64(7), chunk_size=np.int32(3), seed=np.uint8(2))
+    assert out["x"].shape == (7, 2)

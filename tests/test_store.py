@@ -12,6 +12,7 @@ import zlib
 import h5py
 import numpy as np
 import pytest
+import torch
 
 from sbi_gen.priors import BoxUniform
 from sbi_gen.simulate import as_simulator, simulate
@@ -516,3 +517,33 @@ def test_a_second_process_on_the_same_path_is_refused_while_the_first_runs(tmp_p
         assert proc.wait(timeout=300) == 0
     # The first run finished undisturbed, and its lock is gone with it.
     assert read_info(path)["n_valid"] == 6000 and not (tmp_path / "busy.h5.lock").exists()
+
+
+def test_load_takes_a_boolean_mask_and_refuses_rows_it_would_misread(tmp_path):
+    path = tmp_path / "a.h5"
+    simulate_to_hdf5(TOY, 6, path, seed=3, progress=False)
+    full = load(path, valid_only=False)
+    mask = np.array([False, True, False, True, True, False])
+    picked = load(path, rows=mask, valid_only=False)
+    assert np.array_equal(picked.rows, [1, 3, 4])
+    assert np.array_equal(picked.theta.numpy(), full.theta.numpy()[mask])
+    with pytest.raises(StoreError, match=r"boolean row mask needs one entry per row \(6\).*got shape \(2,\)"):
+        load(path, rows=[False, True])
+    with pytest.raises(StoreError, match="row indices must be integers .*got float64"):
+        load(path, rows=[1.7, 2.2])
+
+
+@pytest.mark.parametrize("dtype", ["float32", torch.int64, torch.bool, np.float32])
+def test_load_refuses_a_dtype_that_is_not_a_floating_torch_dtype(tmp_path, dtype):
+    path = tmp_path / "a.h5"
+    simulate_to_hdf5(TOY, 4, path, seed=3, progress=False)
+    with pytest.raises(StoreError, match=r"dtype must be a floating torch dtype such as torch.float32, got"):
+        load(path, dtype=dtype)
+    assert load(path, dtype=torch.float64, valid_only=False).theta.dtype == torch.float64
+
+
+@pytest.mark.parametrize("n, fraction, train, val", [(10, 0.96, 0, 10), (2, 0.9, 0, 2)])
+def test_a_split_that_leaves_no_training_rows_is_refused(n, fraction, train, val):
+    with pytest.raises(ValueError, match=rf"validation fraction of {fraction} of {n} rows leaves {train} for training and {val} for validation"):
+        train_val_split(n, fraction)
+    assert [len(part) for part in train_val_split(2, 0.5)] == [1, 1]
