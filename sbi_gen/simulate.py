@@ -37,12 +37,27 @@ from sbi_gen.priors import Prior, sample_prior
 __all__ = [
     "FunctionSimulator",
     "Simulator",
+    "SimulatorOutputError",
     "as_simulator",
     "chunk_seeds",
     "concatenate_chunks",
     "run_chunk",
     "simulate",
 ]
+
+
+class SimulatorOutputError(ValueError):
+    """A simulator returned something malformed (not a dict with ``x``, the wrong number of rows,
+    the wrong shape, not numbers): a bug in its code, which no row-by-row retry can fix."""
+
+
+def check_simulator(simulator: Any) -> None:
+    """A one-line ``TypeError`` if ``simulator`` does not follow the protocol (a plain function
+    passed where a simulator goes, say)."""
+    missing = [a for a in ("simulate", "name", "parameter_names", "observable_shape") if not hasattr(simulator, a)]
+    if missing:
+        hint = "; wrap a plain function with sbi_gen.as_simulator(fn, prior)" if callable(simulator) else ""
+        raise TypeError(f"{type(simulator).__name__} is not a simulator: it lacks {', '.join(missing)}{hint}")
 
 
 class Simulator(abc.ABC):
@@ -108,8 +123,18 @@ class FunctionSimulator(Simulator):
         return {"function": getattr(self.fn, "__qualname__", repr(self.fn)), "batched": self.batched}
 
     def _call(self, theta: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        return self._numbers(self._call_fn(theta, rng))
+
+    def _numbers(self, out: Any) -> np.ndarray:
+        x = _to_numpy(out)
+        if x.dtype.kind not in "biuf":
+            raise SimulatorOutputError(f"simulator {self.name!r} returned {type(out).__name__} of {x.dtype}; "
+                                       "the function must return x as numbers (a numpy array or torch tensor)")
+        return x
+
+    def _call_fn(self, theta: np.ndarray, rng: np.random.Generator) -> Any:
         if self._takes_rng:
-            return _to_numpy(self.fn(theta, rng=rng))
+            return self.fn(theta, rng=rng)
         # The function draws from global generators: seed them from rng so runs stay reproducible.
         seed = int(rng.integers(2**63))
         np_state = np.random.get_state()
@@ -117,7 +142,7 @@ class FunctionSimulator(Simulator):
             np.random.seed(seed % 2**32)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
-                return _to_numpy(self.fn(theta))
+                return self.fn(theta)
         finally:
             np.random.set_state(np_state)
 
@@ -128,8 +153,9 @@ class FunctionSimulator(Simulator):
             x = np.stack([self._call(row, rng) for row in theta])
         if x.ndim == 1:
             x = x[:, None]
-        if x.shape[0] != theta.shape[0]:
-            raise ValueError(f"simulator {self.name!r} returned {x.shape[0]} rows of x for {theta.shape[0]} parameter rows")
+        if x.ndim == 0 or x.shape[0] != theta.shape[0]:
+            rows = "a scalar" if x.ndim == 0 else f"{x.shape[0]} rows of x"
+            raise SimulatorOutputError(f"simulator {self.name!r} returned {rows} for {theta.shape[0]} parameter rows")
         return {"x": x}
 
 
@@ -178,6 +204,8 @@ def as_simulator(
     """
     if not callable(fn):
         raise TypeError(f"as_simulator needs a callable, got {type(fn).__name__}")
+    if not isinstance(prior, Prior):
+        raise TypeError(f"as_simulator needs a prior from sbi_gen.priors (BoxUniform, Gaussian, ...), got {type(prior).__name__}")
     return FunctionSimulator(fn, prior, name, observable_shape, observable_names, batched, version)
 
 
@@ -188,17 +216,19 @@ def chunk_seeds(seed: int, n_chunks: int) -> list[np.random.SeedSequence]:
 
 def _check_output(simulator: Any, out: Any, n: int) -> dict[str, Any]:
     if not isinstance(out, dict) or "x" not in out:
-        raise TypeError(f"simulator {simulator.name!r} must return a dict with key 'x', got {type(out).__name__}")
+        raise SimulatorOutputError(f"simulator {simulator.name!r} must return a dict with key 'x', got {type(out).__name__}")
     x = _to_numpy(out["x"])
     shape = tuple(simulator.observable_shape)
     if x.shape != (n, *shape):
-        raise ValueError(f"simulator {simulator.name!r} returned x of shape {x.shape}, expected {(n, *shape)}")
+        raise SimulatorOutputError(f"simulator {simulator.name!r} returned x of shape {x.shape}, expected {(n, *shape)}")
     result = {"x": x}
     for group in ("latents", "augmented"):
         arrays = {k: _to_numpy(v) for k, v in (out.get(group) or {}).items()}
         for key, value in arrays.items():
             if value.shape[:1] != (n,):
-                raise ValueError(f"simulator {simulator.name!r} returned {group}/{key} with {value.shape[:1]} rows for {n}")
+                raise SimulatorOutputError(
+                    f"simulator {simulator.name!r} returned {group}/{key} with {value.shape[:1]} rows for {n}"
+                )
         result[group] = arrays
     return result
 
@@ -217,6 +247,8 @@ def run_chunk(simulator: Any, prior: Any, n: int, seed_sequence: np.random.SeedS
     n_failed = 0
     try:
         raw = simulator.simulate(theta64, np.random.default_rng(sim_seed))
+    except SimulatorOutputError:
+        raise  # malformed for every θ: retrying row by row would hide the bug (and run n times slower)
     except Exception as batch_error:
         rows = []
         for i, row_seed in enumerate(sim_seed.spawn(n)):
@@ -275,6 +307,7 @@ def simulate(
     """
     from sbi_gen.store import check_seed  # not at the top: sbi_gen.store imports this module
 
+    check_simulator(simulator)
     check_seed(seed)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size <= 0:
         raise ValueError(f"the chunk size must be a positive integer, got {chunk_size!r}")

@@ -53,8 +53,8 @@ import torch
 
 from sbi_gen import inplace
 from sbi_gen.parallel import run_tasks
-from sbi_gen.priors import prior_from_dict
-from sbi_gen.simulate import chunk_seeds, run_chunk
+from sbi_gen.priors import Prior, prior_from_dict
+from sbi_gen.simulate import check_simulator, chunk_seeds, run_chunk
 
 try:  # ISA-L's deflate: standard zlib streams (any HDF5 reader inflates them), about 5x faster
     from isal.isal_zlib import compress as _deflate
@@ -474,9 +474,13 @@ def simulate_to_hdf5(
         A :class:`SimulationSummary`.
     """
     path = Path(path)
+    check_simulator(simulator)
     prior = prior if prior is not None else getattr(simulator, "prior", None)
     if prior is None:
         raise StoreError(f"simulator {simulator.name!r} has no default prior: pass prior=")
+    if not isinstance(prior, Prior):  # the file records it as JSON, which only these priors have
+        raise StoreError(f"prior must be one of sbi_gen.priors (BoxUniform, Gaussian, IndependentPrior, ...), "
+                         f"got {type(prior).__name__}")
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n <= 0:
         raise StoreError(f"the number of simulations must be a positive integer, got {n!r}")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size <= 0:

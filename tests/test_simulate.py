@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from sbi_gen.priors import BoxUniform
-from sbi_gen.simulate import as_simulator, run_chunk, simulate
+from sbi_gen.simulate import SimulatorOutputError, as_simulator, run_chunk, simulate
 
 PRIOR = BoxUniform([0.0, 0.0], [1.0, 1.0], names=["a", "b"])
 
@@ -44,6 +44,33 @@ def test_wrong_output_shape_is_named():
     sim = as_simulator(lambda theta: np.zeros((len(theta), 2)), PRIOR, observable_shape=(3,))
     with pytest.raises(ValueError, match=r"returned x of shape \(4, 2\), expected \(4, 3\)"):
         simulate(sim, n=4)
+
+
+def test_malformed_output_is_a_bug_named_at_once_not_rows_retried(tmp_path):
+    """A function that returns a dict, None or one row too few is broken for every θ: the run
+    stops with its name, instead of retrying each row alone (which hid a batch one row short:
+    every single row then succeeded, so nothing was counted, and the run was n times slower)."""
+    calls = []
+
+    def one_short(theta, rng):
+        calls.append(len(theta))
+        return theta[:-1] if len(theta) > 1 else theta
+
+    with pytest.raises(SimulatorOutputError, match="^simulator 'short' returned 49 rows of x for 50 parameter rows$"):
+        simulate(as_simulator(one_short, PRIOR, name="short"), n=50)
+    assert calls == [1, 50]  # the shape probe, then the one batch: no row-by-row retry
+    with pytest.raises(SimulatorOutputError, match="returned dict of object; the function must return x as numbers"):
+        as_simulator(lambda theta, rng: {"x": theta}, PRIOR)
+    lazy = as_simulator(lambda t: None if t[0] > 0.5 else t, PRIOR, batched=False, observable_shape=(2,))
+    with pytest.raises(SimulatorOutputError, match="returned NoneType of object"):
+        simulate(lazy, n=20)
+
+
+def test_what_is_not_a_simulator_or_a_prior_is_named():
+    with pytest.raises(TypeError, match="function is not a simulator.*wrap a plain function with sbi_gen.as_simulator"):
+        simulate(lambda theta, rng: theta, n=10)
+    with pytest.raises(TypeError, match="as_simulator needs a prior from sbi_gen.priors"):
+        as_simulator(lambda theta: theta, [0.0, 1.0])
 
 
 @pytest.mark.parametrize("n", [0, -3, None])

@@ -224,6 +224,7 @@ def test_a_run_recorded_with_long_float32_decimals_resumes(tmp_path):
         ({"workers": 0}, "workers"),
         ({"seed": -1}, "seed"),
         ({"compression": "lzf"}, "compression"),
+        ({"prior": torch.distributions.Normal(0.0, 1.0)}, "prior must be one of sbi_gen.priors .*got Normal"),
     ],
 )
 def test_bad_arguments(tmp_path, kwargs, match):
@@ -231,6 +232,12 @@ def test_bad_arguments(tmp_path, kwargs, match):
     n = args.pop("n")
     with pytest.raises(StoreError, match=match):
         simulate_to_hdf5(TOY, n, tmp_path / "a.h5", progress=False, **args)
+
+
+def test_a_plain_function_is_not_taken_for_a_simulator(tmp_path):
+    with pytest.raises(TypeError, match="function is not a simulator.*sbi_gen.as_simulator"):
+        simulate_to_hdf5(lambda theta, rng: theta, 10, tmp_path / "a.h5", progress=False)
+    assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("seed", [2**63, 99999999999999999999999, -1, 1.5, "7", True, np.uint64(2**63)])
@@ -317,11 +324,15 @@ def test_a_simulator_returning_text_is_refused_at_its_first_chunk(tmp_path):
     """Compressed runs kept any dtype, so a run of text finished only to be refused when loaded."""
     calls = {"n": 0}
 
-    def text(theta):
-        calls["n"] += 1
-        return np.array([["a", "b"]] * len(theta))
+    class TextSimulator:  # the protocol, duck-typed: as_simulator's wrapper refuses text itself
+        name, version, prior = "text", "0", PRIOR
+        parameter_names, observable_shape = ["a", "b"], (2,)
 
-    sim = as_simulator(text, PRIOR, name="text", observable_shape=(2,))
+        def simulate(self, theta, rng):
+            calls["n"] += 1
+            return {"x": np.array([["a", "b"]] * len(theta))}
+
+    sim = TextSimulator()
     for compression in ("gzip", None):
         calls["n"] = 0
         with pytest.raises(StoreError) as error:
