@@ -325,6 +325,12 @@ def posterior_draws(
     n_samples = _check_count("n_samples", n_samples)
     posterior = as_batched_posterior(posterior)
     x = _as_tensor(x)
+    if x.ndim == 0:
+        raise ValueError("x must be observations (N, *x_shape), got a scalar")
+    # Otherwise the estimator's draws leave the prior and the message blames the training.
+    not_finite = int((~torch.isfinite(x.flatten(1) if x.ndim > 1 else x[:, None]).all(1)).sum())
+    if not_finite:
+        raise ValueError(f"{not_finite} of {len(x)} observations contain NaN or inf; drop invalid rows first")
     stream = _derived_seed(seed, "posterior")
     log_q = None
     if with_log_prob and posterior.sample_and_log_prob is not None:

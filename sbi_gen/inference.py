@@ -113,6 +113,15 @@ def _finite_or_inf(value: float) -> float:
     return value if math.isfinite(value) else math.inf
 
 
+def _parameter_rows(theta: Any, prior: Prior, device: torch.device | str = "cpu") -> Tensor:
+    """θ ``(*, D)`` as float32 on ``device``, or a one-line error naming the prior's parameters."""
+    theta = torch.as_tensor(np.asarray(theta) if not isinstance(theta, Tensor) else theta, dtype=torch.float32, device=device)
+    if theta.ndim == 0 or theta.shape[-1] != prior.dim:
+        got = "a scalar" if theta.ndim == 0 else f"rows of {theta.shape[-1]}"
+        raise ValueError(f"theta must have shape (*, {prior.dim}) for the parameters {', '.join(prior.names)}, got {got}")
+    return theta
+
+
 def _sample_shape(sample_shape: torch.Size | Sequence[int] | int) -> torch.Size:
     """``sample((n,))``'s shape; a bare ``n`` is taken as ``(n,)``, and negative sizes are refused."""
     shape = torch.Size([sample_shape] if isinstance(sample_shape, int) else sample_shape)
@@ -582,7 +591,7 @@ class NPEPosterior(Distribution):
 
     @torch.no_grad()
     def log_prob(self, theta: Tensor) -> Tensor:
-        theta = torch.as_tensor(theta, dtype=torch.float32, device=self.x_obs.device)
+        theta = _parameter_rows(theta, self.prior, self.x_obs.device)
         log_q = self._q.log_prob(theta)
         if self._log_mass is None:
             devices = [self.x_obs.device] if self.x_obs.device.type == "cuda" else []
@@ -729,7 +738,7 @@ class NLEPosterior(Distribution):
         return self.prior.support
 
     def log_prob(self, theta: Tensor) -> Tensor:
-        theta = torch.as_tensor(theta, dtype=torch.float32)
+        theta = _parameter_rows(theta, self.prior)
         flat = theta.reshape(-1, self.prior.dim)
         log_prior = self.prior.log_prob(flat.cpu())
         inside = torch.isfinite(log_prior)

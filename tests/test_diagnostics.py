@@ -21,6 +21,7 @@ from sbi_gen.diagnostics import (
     c2st_scores,
     expected_coverage,
     gaussian_posterior,
+    posterior_draws,
     posterior_predictive_check,
     sbc,
     tarp,
@@ -350,3 +351,11 @@ def test_npe_without_the_bijection_is_diagnosed_inside_the_support():
     outside = torch.tensor([[[1.5, 0.5], [0.5, -0.2], [0.5, 0.5]]])
     assert batched.log_prob(outside, x)[0].tolist()[:2] == [-math.inf, -math.inf]
     assert math.isfinite(batched.log_prob(outside, x)[0, 2].item())
+
+
+def test_posterior_draws_refuse_observations_with_nan():
+    """NaN observations sent to the estimator gave draws outside the prior, and a message that
+    blamed the training."""
+    post = gaussian_posterior(lambda x: x / 2, lambda x: torch.full_like(x, 0.5**0.5))
+    with pytest.raises(ValueError, match="^1 of 3 observations contain NaN or inf; drop invalid rows first$"):
+        posterior_draws(post, torch.tensor([[0.0, 0.0], [float("nan"), 0.0], [1.0, 1.0]]), 10)

@@ -216,6 +216,8 @@ def test_clear_errors_for_bad_use():
     assert posterior.sample(3).shape == (3, 2) and posterior.sample((0,)).shape == (0, 2)  # a bare n is (n,)
     with pytest.raises(ValueError, match=r"sample_shape must have non-negative sizes, got \(-1,\)"):
         posterior.sample((-1,))
+    with pytest.raises(ValueError, match=r"theta must have shape \(\*, 2\) for the parameters a, b, got rows of 1"):
+        posterior.log_prob(torch.zeros(4, 1))
     nle = NLE(prior, estimator_kwargs={"transforms": 1, "hidden_features": [8]})
     nle.fit((data["theta"], data["x"]), config=TrainConfig(max_epochs=1, progress=False))
     for options, message in [({"n_chains": 0}, "n_chains must be an integer of at least 1"),
