@@ -32,8 +32,8 @@ def _as_2d_float32(samples: ArrayLike | torch.Tensor, name: str) -> np.ndarray:
     array = np.asarray(samples, dtype=np.float32)
     if array.ndim == 1:
         array = array[:, None]
-    if array.ndim != 2 or array.shape[0] < 2:
-        raise ValueError(f"{name} must have shape (N, d) with N >= 2, got {array.shape}")
+    if array.ndim != 2 or array.shape[0] < 2 or array.shape[1] < 1:
+        raise ValueError(f"{name} must have shape (N, d) with N >= 2 and d >= 1, got {array.shape}")
     if not np.isfinite(array).all():
         raise ValueError(f"{name} contains NaN or infinite values")
     return array
@@ -98,6 +98,9 @@ def c2st(
         raise ValueError(f"samples_p has {p.shape[1]} dimensions but samples_q has {q.shape[1]}")
     if n_max is not None and n_max < n_folds:
         raise ValueError(f"n_max must be at least n_folds = {n_folds}, got {n_max}")
+    if min(len(p), len(q)) < n_folds:  # each of the n_folds folds needs a row of each set
+        raise ValueError(f"c2st with {n_folds} folds needs at least {n_folds} samples of each set, "
+                         f"got {len(p)} and {len(q)}")
     if p.shape[0] != q.shape[0] and (n_max is None or n_max > min(p.shape[0], q.shape[0])):
         raise ValueError(
             f"c2st needs equal sample sizes, got {p.shape[0]} and {q.shape[0]}; "

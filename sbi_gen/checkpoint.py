@@ -85,6 +85,11 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+# What a checkpoint directory holds: the model, its temporary copies, and the training state
+# (with its copies) that `sbi-gen train` keeps beside it.
+_CHECKPOINT_FILES = ("config.json", "weights.pt", "training_state.pt")
+
+
 def _write_checkpoint(path: str | os.PathLike[str], config: dict[str, Any], state: dict[str, torch.Tensor]) -> Path:
     """Writes ``weights.pt`` and ``config.json`` (with the weights' SHA-256) into the directory
     ``path``, each through a temporary file and an atomic rename.
@@ -95,6 +100,12 @@ def _write_checkpoint(path: str | os.PathLike[str], config: dict[str, Any], stat
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise CheckpointError(f"cannot save to {path}: it is a file, a checkpoint is a directory")
+    if path.is_dir():
+        # A model's files mixed into a folder of other things could not be told apart or replaced safely.
+        others = sorted(p.name for p in path.iterdir() if not p.name.startswith(_CHECKPOINT_FILES))
+        if others:
+            raise CheckpointError(f"cannot save to {path}: it holds other files ({', '.join(others[:3])}"
+                                  f"{', ...' if len(others) > 3 else ''}); a checkpoint needs a directory of its own")
     path.mkdir(parents=True, exist_ok=True)
     weights_tmp, config_tmp = path / "weights.pt.tmp", path / "config.json.tmp"
     torch.save({k: v.detach().cpu() for k, v in state.items()}, weights_tmp)

@@ -37,7 +37,7 @@ from sbi_gen.mcmc import SAMPLERS, MCMCResult, run_mcmc
 from sbi_gen.nn import default_embedding
 from sbi_gen.priors import PointMass, Prior, prior_from_dict
 from sbi_gen.store import TrainingSet, load, read_info
-from sbi_gen.train import History, TrainConfig, fit, resolve_device
+from sbi_gen.train import History, TrainConfig, checked_config, fit, resolve_device
 
 __all__ = ["NLE", "NPE", "NLEPosterior", "NPEPosterior"]
 
@@ -249,7 +249,7 @@ class _Method(abc.ABC):
             raise ValueError(f"theta has {theta_shape[1]} parameters but the prior has {self.prior.dim}")
         x_shape = x_shape_full[1:]
         # A given config decides the device (``"auto"`` included); without one, the model's device.
-        config = config or self.train_config()
+        config = checked_config(config) if config is not None else self.train_config()
         self.device = resolve_device(config.device)
         try:
             if self.auto:
@@ -535,7 +535,26 @@ class NPE(_Method):
         )
 
 
-class NPEPosterior(Distribution):
+class _DrawnPosterior(Distribution):
+    """What a posterior known through its draws and density has no closed form for: each says
+    what to use instead, rather than torch's bare ``NotImplementedError``."""
+
+    @property
+    def mean(self) -> Tensor:
+        raise NotImplementedError("this posterior has no closed-form mean: use posterior.sample((n,)).mean(0)")
+
+    @property
+    def variance(self) -> Tensor:
+        raise NotImplementedError("this posterior has no closed-form variance: use posterior.sample((n,)).var(0)")
+
+    def entropy(self) -> Tensor:
+        raise NotImplementedError("this posterior has no closed-form entropy: estimate -log_prob(sample((n,))).mean()")
+
+    def rsample(self, sample_shape: torch.Size | Sequence[int] = torch.Size()) -> Tensor:
+        raise NotImplementedError("this posterior's draws are not reparameterized (rejection or MCMC): use sample()")
+
+
+class NPEPosterior(_DrawnPosterior):
     r"""Posterior :math:`q(\theta \mid x_{obs})` of an :class:`NPE`, restricted to the prior's support.
 
     ``sample`` draws from the estimator and keeps draws inside the support (with the prior's
@@ -704,7 +723,7 @@ class NLE(_Method):
         return dist.log_prob(x_obs.to(self.device).unsqueeze(1)).sum(0)
 
 
-class NLEPosterior(Distribution):
+class NLEPosterior(_DrawnPosterior):
     r"""Posterior of an :class:`NLE` given i.i.d. observations; sampled by vectorized MCMC.
 
     ``log_prob`` is the *unnormalized* log posterior :math:`\log p(\theta) + \sum_i \log q(x_i \mid \theta)`.

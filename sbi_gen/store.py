@@ -419,7 +419,8 @@ class _Assembler:
 def _check_writable(path: Path) -> None:
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
-        raise StoreError(f"cannot write {path}: the directory {parent} does not exist")
+        why = "is a file, not a directory" if parent.exists() else "does not exist"
+        raise StoreError(f"cannot write {path}: {parent} {why}")
     if path.is_dir():
         raise StoreError(f"cannot write {path}: it is a directory")
     try:  # a real probe: permissions, read-only mounts and odd file systems all show up here

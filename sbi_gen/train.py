@@ -56,7 +56,15 @@ from sbi_gen.distributed import (
 from sbi_gen.store import RUN_KEYS, load, read_info, train_val_split
 from sbi_gen.streaming import ChunkStream, chunk_layout, read_blocks, valid_counts
 
-__all__ = ["History", "TrainConfig", "default_streaming_threshold", "fit", "resolve_device", "with_overrides"]
+__all__ = [
+    "History",
+    "TrainConfig",
+    "checked_config",
+    "default_streaming_threshold",
+    "fit",
+    "resolve_device",
+    "with_overrides",
+]
 
 # Standardization of a streamed file: statistics of a seeded random subset of its training
 # chunks, whole chunks until this many rows or bytes. At 10^5 rows the relative error of a
@@ -204,6 +212,16 @@ class History:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def checked_config(config: TrainConfig | None) -> TrainConfig:
+    """``config``, or the defaults for ``None``; a ``TypeError`` for anything else (a dict, say)."""
+    if config is None:
+        return TrainConfig()
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig (e.g. TrainConfig(max_epochs=50), or model.train_config(...)), "
+                        f"got {type(config).__name__}")
+    return config
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -459,7 +477,7 @@ def fit(
     history on every process; write files from rank 0 only
     (:func:`sbi_gen.distributed.is_main_process`).
     """
-    config = config or TrainConfig()
+    config = checked_config(config)
     init_from_env(config.device)
     device = rank_device(resolve_device(config.device))
     if _streaming_wanted(data, config, y_key, c_key):

@@ -64,3 +64,7 @@ def test_bad_inputs_raise() -> None:
         c2st(p, p[:50])
     with pytest.raises(ValueError, match="dimensions"):
         c2st(p, p[:, :1])
+    with pytest.raises(ValueError, match="^c2st with 5 folds needs at least 5 samples of each set, got 4 and 4$"):
+        c2st(p[:4], p[4:8])
+    with pytest.raises(ValueError, match=r"must have shape \(N, d\) with N >= 2 and d >= 1, got \(100, 0\)"):
+        c2st(p[:, :0], p[:, :0])

@@ -79,6 +79,11 @@ def test_bad_checkpoints(tmp_path, moons):
         save(model, tmp_path / "untrained")
     model.fit((data["theta"], data["x"]), config=TrainConfig(max_epochs=1, progress=False))
     save(model, tmp_path / "m")
+    (tmp_path / "mixed").mkdir()
+    (tmp_path / "mixed" / "notes.txt").write_text("mine")
+    with pytest.raises(CheckpointError, match=r"mixed: it holds other files \(notes.txt\); a checkpoint needs a directory"):
+        save(model, tmp_path / "mixed")
+    assert sorted(p.name for p in (tmp_path / "mixed").iterdir()) == ["notes.txt"]
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     config["format"] = "something else"
     (tmp_path / "m" / "config.json").write_text(json.dumps(config))

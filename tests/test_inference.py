@@ -218,6 +218,8 @@ def test_clear_errors_for_bad_use():
         posterior.sample((-1,))
     with pytest.raises(ValueError, match=r"theta must have shape \(\*, 2\) for the parameters a, b, got rows of 1"):
         posterior.log_prob(torch.zeros(4, 1))
+    with pytest.raises(NotImplementedError, match=r"no closed-form mean: use posterior.sample\(\(n,\)\).mean\(0\)"):
+        posterior.mean  # noqa: B018
     nle = NLE(prior, estimator_kwargs={"transforms": 1, "hidden_features": [8]})
     nle.fit((data["theta"], data["x"]), config=TrainConfig(max_epochs=1, progress=False))
     for options, message in [({"n_chains": 0}, "n_chains must be an integer of at least 1"),

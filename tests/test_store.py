@@ -262,6 +262,9 @@ def test_unwritable_paths(tmp_path):
         simulate_to_hdf5(TOY, 10, tmp_path / "missing" / "a.h5", seed=0, progress=False)
     with pytest.raises(StoreError, match="is a directory"):
         simulate_to_hdf5(TOY, 10, tmp_path, seed=0, progress=False)
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(StoreError, match="notes.txt is a file, not a directory"):
+        simulate_to_hdf5(TOY, 10, tmp_path / "notes.txt" / "a.h5", seed=0, progress=False)
     # A read-only file system (root ignores permission bits, so use one the kernel refuses).
     with pytest.raises(StoreError, match="cannot write"):
         simulate_to_hdf5(TOY, 10, "/sys/a.h5", seed=0, progress=False)

@@ -104,6 +104,8 @@ def test_bad_inputs():
         TrainConfig(val_fraction=1.5)
     with pytest.raises(ValueError, match="batch_size"):
         TrainConfig(batch_size=0)
+    with pytest.raises(TypeError, match="config must be a TrainConfig .*got dict"):
+        fit(est, (y, c), config={"max_epochs": 1})
     # Wrong types and ranges are named here, not inside torch (or, for a negative clip, not at all:
     # clipping to a negative norm flips every gradient).
     for field, value, wanted in [
