@@ -38,6 +38,7 @@ Example:
 from __future__ import annotations
 
 import math
+import numbers
 import time
 import warnings
 from collections.abc import Callable
@@ -1090,6 +1091,8 @@ def run_mcmc(
         raise ValueError("need n_samples, n_chains, thin, init_proposals >= 1 and warmup >= 0")
     if num_threads is not None and num_threads < 1:
         raise ValueError(f"num_threads must be None or >= 1, got {num_threads}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     threads = torch.get_num_threads()
     if num_threads is not None:
         torch.set_num_threads(num_threads)

@@ -53,8 +53,12 @@ __all__ = [
 
 
 def _names(names: Sequence[str] | None, dim: int, default: str = "theta") -> list[str]:
+    if dim < 1:
+        raise ValueError("a prior needs at least one parameter")
     if names is None:
         return [f"{default}_{i}" for i in range(dim)]
+    if isinstance(names, str):  # list("ab") would silently make two one-letter names
+        raise ValueError(f"names must be a list of strings, one per parameter, got the string {names!r}")
     names = [str(n) for n in names]
     if len(names) != dim:
         raise ValueError(f"got {len(names)} parameter names for a {dim}-dimensional prior")
@@ -66,6 +70,8 @@ def _names(names: Sequence[str] | None, dim: int, default: str = "theta") -> lis
 def _units(units: Sequence[str] | None, dim: int) -> list[str]:
     if units is None:
         return [""] * dim
+    if isinstance(units, str):
+        raise ValueError(f"units must be a list of strings, one per parameter, got the string {units!r}")
     units = [str(u) for u in units]
     if len(units) != dim:
         raise ValueError(f"got {len(units)} units for a {dim}-dimensional prior")

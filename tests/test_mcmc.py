@@ -206,6 +206,8 @@ def test_run_mcmc_rejects_wrong_log_prob_shape() -> None:
         run_mcmc(lambda theta: -(theta**2), prior, 100)
     with pytest.raises(ValueError, match="sampler"):
         run_mcmc(lambda theta: -(theta**2).sum(-1), prior, 100, sampler="nuts")
+    with pytest.raises(ValueError, match="seed must be a non-negative integer, got -1"):
+        run_mcmc(lambda theta: -(theta**2).sum(-1), prior, 100, seed=-1)
 
     @torch.no_grad()
     def no_grad_log_prob(theta: Tensor) -> Tensor:

@@ -100,6 +100,8 @@ def test_sample_prior_is_reproducible_and_leaves_global_rng_alone():
         (lambda: Gaussian([0.0]), "exactly one"),
         (lambda: prior_from_dict({"type": "Cauchy"}), "unknown prior"),
         (lambda: PointMass([0.0, float("nan")]), "finite"),
+        (lambda: BoxUniform([0.0, 0.0], [1.0, 1.0], names="ab"), "names must be a list of strings, one per parameter"),
+        (lambda: BoxUniform([], []), "at least one parameter"),
         (lambda: PointMass([]), "finite"),
     ],
 )
