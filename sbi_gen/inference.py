@@ -70,7 +70,8 @@ def _as_training_data(data: Any) -> tuple[Tensor, Tensor, dict[str, Any]]:
         return data.theta, data.x, data.info
     if isinstance(data, (tuple, list)) and len(data) == 2:
         theta, x = (torch.as_tensor(np.asarray(v) if not isinstance(v, Tensor) else v) for v in data)
-        return theta.float(), x.float(), {}
+        # One observable per simulation may come as a vector (n,): it is (n, 1).
+        return theta.float(), (x[:, None] if x.ndim == 1 else x).float(), {}
     raise TypeError("data must be an HDF5 training-set path, a TrainingSet or a (theta, x) pair")
 
 
@@ -388,6 +389,8 @@ class _Method(abc.ABC):
         self._require_fitted()
         assert self.x_shape is not None
         x = torch.as_tensor(np.asarray(x_obs) if not isinstance(x_obs, Tensor) else x_obs, dtype=torch.float32)
+        if self.x_shape == (1,) and x.ndim <= 1:
+            x = x.reshape(-1, 1)  # one observable: a number, or a vector of k observations
         if tuple(x.shape) == self.x_shape:
             x = x.unsqueeze(0)
         if tuple(x.shape[1:]) == self.x_shape and x.shape[0] > 1 and not allow_many:

@@ -398,3 +398,21 @@ def test_ctrl_c_before_any_epoch_ends_leaves_no_model():
             handle.remove()
         with pytest.raises(RuntimeError, match="not trained yet"):
             npe.posterior(np.array([0.0]))
+
+
+def test_one_observable_may_be_given_as_plain_numbers():
+    """x of shape (n,) trains as (n, 1); an observation of one observable may be a number, and
+    NLE takes a vector of k numbers as k i.i.d. observations (NPE says it conditions on one)."""
+    prior = BoxUniform([0.0], [1.0])
+    sim = as_simulator(lambda t, rng: t[:, 0] + 0.1 * rng.normal(size=len(t)), prior)
+    data = simulate(sim, n=300, seed=0)
+    config = TrainConfig(max_epochs=1, progress=False)
+    small = {"transforms": 1, "hidden_features": [8]}
+    npe, nle = NPE(prior, "maf", estimator_kwargs=small), NLE(prior, "maf", estimator_kwargs=small)
+    for model in (npe, nle):
+        model.fit((data["theta"], data["x"][:, 0]), config=config)
+        assert model.x_shape == (1,)
+    assert npe.posterior(0.4).sample((3,)).shape == (3, 1)
+    assert nle.posterior([0.4, 0.5, 0.45]).x_obs.shape == (3, 1)
+    with pytest.raises(ValueError, match=r"x_obs holds 2 observations of shape \(1,\), but NPE conditions on one"):
+        npe.posterior([0.4, 0.5])
