@@ -716,6 +716,8 @@ class NLE(_Method):
         for name, value, least in (("n_chains", n_chains, 1), ("warmup", warmup, 0), ("thin", thin, 1)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
                 raise ValueError(f"{name} must be an integer of at least {least} (or None for the default), got {value!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
         return NLEPosterior(self, self._observations(x_obs, allow_many=True), sampler, n_chains, warmup, thin, seed)
 
     def log_likelihood(self, theta: Tensor, x_obs: Tensor) -> Tensor:

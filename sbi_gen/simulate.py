@@ -51,13 +51,18 @@ class SimulatorOutputError(ValueError):
     the wrong shape, not numbers): a bug in its code, which no row-by-row retry can fix."""
 
 
-def check_simulator(simulator: Any) -> None:
+def check_simulator(simulator: Any, prior: Any = None) -> None:
     """A one-line ``TypeError`` if ``simulator`` does not follow the protocol (a plain function
-    passed where a simulator goes, say)."""
+    passed where a simulator goes, say), a ``ValueError`` if ``prior`` draws another number of
+    parameters than it takes (which would otherwise surface as a wrong output shape)."""
     missing = [a for a in ("simulate", "name", "parameter_names", "observable_shape") if not hasattr(simulator, a)]
     if missing:
         hint = "; wrap a plain function with sbi_gen.as_simulator(fn, prior)" if callable(simulator) else ""
         raise TypeError(f"{type(simulator).__name__} is not a simulator: it lacks {', '.join(missing)}{hint}")
+    names = list(simulator.parameter_names)
+    if prior is not None and getattr(prior, "dim", len(names)) != len(names):
+        raise ValueError(f"the prior has {prior.dim} parameters, but simulator {simulator.name!r} takes "
+                         f"{len(names)} ({', '.join(names)})")
 
 
 class Simulator(abc.ABC):
@@ -322,6 +327,7 @@ def simulate(
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n <= 0:
         raise ValueError(f"the number of simulations must be a positive integer, got {n!r}")
     prior = prior if prior is not None else simulator.prior
+    check_simulator(simulator, prior)
     n, chunk_size = int(n), int(chunk_size)
     sizes = [min(chunk_size, n - start) for start in range(0, n, chunk_size)]
     chunks = [run_chunk(simulator, prior, m, ss) for m, ss in zip(sizes, chunk_seeds(seed, len(sizes)), strict=True)]

@@ -482,6 +482,7 @@ def simulate_to_hdf5(
     if not isinstance(prior, Prior):  # the file records it as JSON, which only these priors have
         raise StoreError(f"prior must be one of sbi_gen.priors (BoxUniform, Gaussian, IndependentPrior, ...), "
                          f"got {type(prior).__name__}")
+    check_simulator(simulator, prior)
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n <= 0:
         raise StoreError(f"the number of simulations must be a positive integer, got {n!r}")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size <= 0:

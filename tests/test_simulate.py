@@ -4,6 +4,7 @@ import torch
 
 from sbi_gen.priors import BoxUniform
 from sbi_gen.simulate import SimulatorOutputError, as_simulator, run_chunk, simulate
+from sbi_gen.store import simulate_to_hdf5
 
 PRIOR = BoxUniform([0.0, 0.0], [1.0, 1.0], names=["a", "b"])
 
@@ -66,11 +67,17 @@ def test_malformed_output_is_a_bug_named_at_once_not_rows_retried(tmp_path):
         simulate(lazy, n=20)
 
 
-def test_what_is_not_a_simulator_or_a_prior_is_named():
+def test_what_is_not_a_simulator_or_a_prior_is_named(tmp_path):
     with pytest.raises(TypeError, match="function is not a simulator.*wrap a plain function with sbi_gen.as_simulator"):
         simulate(lambda theta, rng: theta, n=10)
     with pytest.raises(TypeError, match="as_simulator needs a prior from sbi_gen.priors"):
         as_simulator(lambda theta: theta, [0.0, 1.0])
+    two = as_simulator(lambda theta: theta, PRIOR, name="two")
+    message = r"^the prior has 1 parameters, but simulator 'two' takes 2 \(a, b\)$"
+    with pytest.raises(ValueError, match=message):
+        simulate(two, n=10, prior=BoxUniform([0.0], [1.0]))
+    with pytest.raises(ValueError, match=message):
+        simulate_to_hdf5(two, 10, tmp_path / "a.h5", prior=BoxUniform([0.0], [1.0]), progress=False)
 
 
 @pytest.mark.parametrize("n", [0, -3, None])
