@@ -132,8 +132,9 @@ def _sample_shape(sample_shape: torch.Size | Sequence[int] | int) -> torch.Size:
 
 
 def _check_inside_support(prior: Prior, theta: Tensor) -> None:
-    """Training θ outside the prior would be clamped by its bijection, or never sampled again:
-    refused, since it means they were drawn from another prior. Non-finite rows are fit's to drop."""
+    """NPE's training θ outside the prior would be clamped by its bijection, or never sampled
+    again: refused, since it means they were drawn from another prior. Non-finite rows are fit's
+    to drop."""
     theta = torch.as_tensor(theta)
     finite = torch.isfinite(theta).all(dim=-1)
     if theta.ndim != 2 or theta.shape[1] != prior.dim or not finite.any():
@@ -244,7 +245,9 @@ class _Method(abc.ABC):
         if self.prior is None:
             raise ValueError("no prior: pass prior= or train from an HDF5 training set, which records its prior")
         check_drawn_from_prior(self.prior, data if isinstance(data, (str, os.PathLike)) else None)
-        if not info:  # a file's θ were drawn from the prior it records
+        # NPE learns the posterior under the prior its θ came from; NLE's likelihood does not
+        # depend on it (θ from a wider proposal are fine there). A file's θ came from its prior.
+        if not info and self.method == "npe":
             _check_inside_support(self.prior, theta)
         if theta_shape[1] != self.prior.dim:
             raise ValueError(f"theta has {theta_shape[1]} parameters but the prior has {self.prior.dim}")
