@@ -53,7 +53,7 @@ from sbi_gen.distributed import (
     shard,
     wrap_for_training,
 )
-from sbi_gen.store import RUN_KEYS, load, read_info, train_val_split
+from sbi_gen.store import MAX_SEED, RUN_KEYS, load, read_info, train_val_split
 from sbi_gen.streaming import ChunkStream, chunk_layout, read_blocks, valid_counts
 
 __all__ = [
@@ -153,7 +153,7 @@ class TrainConfig:
         # inside training, or (clip_grad_norm < 0) silently turn descent into ascent.
         for name in ("batch_size", "max_epochs", "patience", "lr_patience"):
             _check(name, getattr(self, name), _is_int, "a positive integer", lambda v: v > 0)
-        _check("seed", self.seed, _is_int, "a non-negative integer", lambda v: 0 <= v < 2**63)
+        _check("seed", self.seed, _is_int, f"an integer from 0 to {MAX_SEED}", lambda v: 0 <= v <= MAX_SEED)
         if self.streaming_threshold is not None:
             _check("streaming_threshold", self.streaming_threshold, _is_int, "a positive number of bytes", lambda v: v > 0)
         _check("val_fraction", self.val_fraction, _is_real, "in (0, 1)", lambda v: 0 < v < 1)
