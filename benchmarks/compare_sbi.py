@@ -8,9 +8,9 @@ Wall-clock training and sampling times are printed with ratios against sbi.
 
 Methods:
 - `ours-npe`, `ours-nle`: sbi_gen's defaults (`NPE(prior)`, `NLE(prior)`). NPE's default
-  races NSF against MAF for a few epochs and trains the one with the lower validation loss;
-  the kept family and the race's losses are in the results.
-- `ours-npe-nsf`, `ours-npe-maf` (opt-in): one family, no race.
+  races NSF, MAF and a linear Gaussian for a few epochs and trains the one with the lower
+  validation loss; the kept family and the race's losses are in the results.
+- `ours-npe-nsf`, `ours-npe-maf`, `ours-npe-gaussian` (opt-in): one family, no race.
 - `ours-npe-vae`, `ours-npe-diffusion`, `ours-nle-vae`, `ours-nle-diffusion` (opt-in): the
   other two generative families with their defaults (NLE-diffusion is slow: its likelihood is
   an ODE solve per MCMC call).
@@ -45,7 +45,7 @@ from sbi_gen.simulate import simulate
 METHODS = ["ours-npe", "ours-nle", "sbi-npe", "sbi-nle", "zuko"]
 # The other generative families behind the same interface (``ours-KIND-ESTIMATOR``).
 FAMILIES = ["ours-npe-vae", "ours-npe-diffusion", "ours-nle-vae", "ours-nle-diffusion", "ours-npe-nsf",
-            "ours-npe-maf", "ours-npe-bijection"]
+            "ours-npe-maf", "ours-npe-gaussian", "ours-npe-bijection"]
 
 
 def _sbi_prior(task):
@@ -71,7 +71,8 @@ def run_ours(kind, task, theta, x, observations, n_samples, seed, estimator=None
         samples.append(model.posterior(x_o).sample((n_samples,)).numpy())
     kept = {"estimator": model.estimator_name}
     if "estimator_selection" in model.metadata:  # the race of estimator="auto"
-        kept.update(selection=model.metadata["estimator_selection"], race_epochs=model.metadata["estimator_race_epochs"])
+        kept.update(selection=model.metadata["estimator_selection"], race_epochs=model.metadata["estimator_race_epochs"],
+                    race_seconds=model.metadata["estimator_race_seconds"])
     return samples, train, time.perf_counter() - started, kept
 
 

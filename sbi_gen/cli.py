@@ -163,7 +163,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from sbi_gen import distributed
     from sbi_gen.checkpoint import save
     from sbi_gen.estimators import ESTIMATORS
-    from sbi_gen.inference import AUTO, AUTO_FAMILIES, NLE, NPE, check_drawn_from_prior
+    from sbi_gen.inference import AUTO, AUTO_FAMILIES, AUTO_FAMILIES_TEXT, NLE, NPE, check_drawn_from_prior
     from sbi_gen.priors import prior_from_dict
     from sbi_gen.store import read_info
     from sbi_gen.train import TrainingStateError
@@ -179,7 +179,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     estimator_kwargs = _json_object(args.estimator_kwargs, "--estimator-kwargs", '{"transforms": 3}')
     if estimator_kwargs and args.estimator == AUTO:
         raise CLIError(f"--estimator-kwargs set the hyperparameters of one family: name it with --estimator (e.g. nsf) "
-                       f"instead of auto, which races {' and '.join(AUTO_FAMILIES)}")
+                       f"instead of auto, which races {AUTO_FAMILIES_TEXT}")
     if args.bijection and args.method != "npe":
         raise CLIError("--bijection applies to NPE only: NLE models x given θ, and its MCMC runs in the prior's unconstrained space")
     options = {"bijection": True} if args.bijection else {}
@@ -712,8 +712,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train NPE or NLE on an HDF5 training set and save the model")
     p.add_argument("data", help="HDF5 training set from `sbi-gen simulate`")
     p.add_argument("--method", choices=["npe", "nle"], default="npe")
-    p.add_argument("--estimator", default=None, help="estimator name: auto (default for npe: nsf and maf raced for 3 epochs, the one with the lower "
-                   "validation loss trained in full; maps train nsf, not raced), nsf, maf (default for nle), cnf, vae, diffusion")
+    p.add_argument("--estimator", default=None, help="estimator name: auto (default for npe: nsf, maf and gaussian raced for 3 epochs, the one with the "
+                   "lower validation loss trained in full; maps train nsf, not raced), nsf, maf (default for nle), gaussian, cnf, "
+                   "vae, diffusion")
     p.add_argument("--estimator-kwargs", default=None, help="estimator hyperparameters as a JSON object")
     p.add_argument("--embedding", default=None, help="embedding of x for NPE: identity (default for vectors), mlp, resmlp, cnn (default for maps)")
     p.add_argument("--out", required=True, help="output model directory (it also holds the training state, "

@@ -92,7 +92,8 @@ def _as_training_data(data: Any) -> tuple[Tensor, Tensor, dict[str, Any]]:
 # 2.8 s of a 71 s two_moons fit, 1.7 s of 26 s on slcp, 2.3 s of 5.2 s on gaussian_linear
 # (whose NSF alone took 6–7 s).
 AUTO = "auto"
-AUTO_FAMILIES = ("nsf", "maf")
+AUTO_FAMILIES = ("nsf", "maf", "gaussian")
+AUTO_FAMILIES_TEXT = f"{', '.join(AUTO_FAMILIES[:-1])} and {AUTO_FAMILIES[-1]}"
 AUTO_RACE_EPOCHS = 3
 AUTO_RACE_STEPS = 50
 # With a CNN embedding (maps), each family of the race would train its own CNN, which is most of
@@ -180,7 +181,7 @@ class _Method(abc.ABC):
         if estimator == AUTO and estimator_kwargs:
             raise ValueError(
                 "estimator_kwargs set the hyperparameters of one family: name it (e.g. estimator='nsf') "
-                f"instead of 'auto', which races {' and '.join(AUTO_FAMILIES)}"
+                f"instead of 'auto', which races {AUTO_FAMILIES_TEXT}"
             )
         if prior is not None and not isinstance(prior, Prior):
             raise TypeError("prior must be an sbi_gen prior (BoxUniform, Gaussian, IndependentPrior)")

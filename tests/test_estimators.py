@@ -437,3 +437,48 @@ def test_flow_inverse_pass_by_pass_equals_zukos(name, passes):
     draws = est.flow(c).rsample((3,))
     draws.square().sum().backward()
     assert all(p.grad is not None for p in est.flow.parameters() if p.requires_grad)
+
+
+def test_gaussian_starts_at_the_least_squares_maximum_likelihood_fit():
+    """In original units, the start is the textbook fit: mean A c + b by least squares and the
+    residuals' covariance (MLE, divided by n). Standardizing y and c is affine, so the fit in
+    standardized space maps back onto it exactly (up to float32 rounding)."""
+    import numpy as np
+    from scipy.stats import multivariate_normal
+
+    generator = torch.Generator().manual_seed(0)
+    n = 3000
+    c = 3.0 + 2.0 * torch.randn(n, 4, generator=generator)
+    mixing = torch.tensor([[1.0, 0.0, 0.0], [0.5, 2.0, 0.0], [-0.3, 0.2, 0.1]])
+    y = c[:, :3] @ torch.tensor([[1.0, -2.0, 0.5], [0.0, 1.0, 0.0], [0.3, 0.0, -1.0]]) + 5.0
+    y = y + torch.randn(n, 3, generator=generator) @ mixing.T
+    est = build_estimator("gaussian", 3, (4,))
+    est.set_standardization(y, c)
+
+    design = np.hstack([c.double().numpy(), np.ones((n, 1))])
+    solution, *_ = np.linalg.lstsq(design, y.double().numpy(), rcond=None)
+    residuals = y.double().numpy() - design @ solution
+    covariance = residuals.T @ residuals / n
+    c_test, y_test = c[:5], y[:5] + 0.3
+    expected = [multivariate_normal(design[i] @ solution, covariance).logpdf(y_test[i].double().numpy()) for i in range(5)]
+    torch.testing.assert_close(est(c_test).log_prob(y_test).double(), torch.tensor(expected, dtype=torch.float64),
+                               atol=1e-4, rtol=1e-5)
+    # It is the optimum of the training loss: a gradient step from it does not lower the loss.
+    loss = est.loss(y, c)
+    loss.backward()
+    assert max(float(p.grad.abs().max()) for p in est.parameters()) < 1e-3
+    # Rows with a non-finite value are left out of the fit, as of the statistics.
+    y_bad = y.clone()
+    y_bad[:10] = float("nan")
+    again = build_estimator("gaussian", 3, (4,))
+    again.set_standardization(y_bad, c)
+    clean = build_estimator("gaussian", 3, (4,))
+    clean.set_standardization(y[10:], c[10:])
+    for a, b in zip(again.parameters(), clean.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+    # A coordinate that is an exact affine function of c: the covariance is singular, the
+    # smallest jitter that makes it factor is added, and densities stay finite.
+    exact = torch.cat([y[:, :1], 2.0 * c[:, 1:2] - 1.0], dim=1)
+    singular = build_estimator("gaussian", 2, (4,))
+    singular.set_standardization(exact, c)
+    assert torch.isfinite(singular(c[:5]).log_prob(exact[:5])).all() and torch.isfinite(singular.scale_tril()).all()

@@ -24,6 +24,7 @@ from typing import Any
 from sbi_gen.estimators.base import ConditionalEstimator, SupportTransform
 from sbi_gen.estimators.diffusion import Diffusion
 from sbi_gen.estimators.flows import CNF, MAF, NSF
+from sbi_gen.estimators.gaussian import Gaussian
 from sbi_gen.estimators.vae import VAE
 from sbi_gen.nn import HyperparameterError
 
@@ -36,6 +37,7 @@ __all__ = [
     "VAE",
     "ConditionalEstimator",
     "Diffusion",
+    "Gaussian",
     "HyperparameterError",
     "SupportTransform",
     "build_estimator",
@@ -44,6 +46,7 @@ __all__ = [
 ESTIMATORS: dict[str, type[ConditionalEstimator]] = {
     "cnf": CNF,
     "diffusion": Diffusion,
+    "gaussian": Gaussian,
     "maf": MAF,
     "nsf": NSF,
     "vae": VAE,
@@ -52,7 +55,7 @@ ESTIMATORS: dict[str, type[ConditionalEstimator]] = {
 
 DEFAULT_ESTIMATOR = "nsf"
 """The estimator of a method that sets no default of its own. NPE's default races this family
-against MAF (``"auto"``), NLE's is MAF: see :mod:`sbi_gen.inference`."""
+against MAF and the linear Gaussian (``"auto"``), NLE's is MAF: see :mod:`sbi_gen.inference`."""
 
 _COMMON = ("y_dim", "c_shape", "embedding", "embedding_kwargs", "y_prior")
 

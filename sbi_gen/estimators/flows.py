@@ -5,7 +5,8 @@ log-density is exact by the change of variables,
 :math:`\log q(y \mid c) = \log \mathcal{N}(f(y; c)) + \log |\det \partial f / \partial y|`.
 Training minimizes the negative log-likelihood.
 
-- :class:`NSF` (the default family; NPE by default races it against MAF): autoregressive rational-quadratic spline flow.
+- :class:`NSF` (the default family; NPE by default races it against MAF and the linear
+  :class:`~sbi_gen.estimators.gaussian.Gaussian`): autoregressive rational-quadratic spline flow.
 - :class:`MAF`: masked autoregressive flow with affine transforms.
 - :class:`CNF`: continuous flow (FFJORD); exact log-density through an ODE solve.
 
