@@ -43,7 +43,8 @@ if TYPE_CHECKING:
 __all__ = ["CheckpointError", "load_emulator", "load_model", "save", "save_emulator"]
 
 FORMAT = "sbi_gen.model"
-FORMAT_VERSION = 1
+# 2: the CNN embedding's ``pool`` is recorded (format 1 has none; its CNNs are the dilated ones).
+FORMAT_VERSION = 2
 _METHODS = {"npe": NPE, "nle": NLE}
 # The keys load_model reads without a default.
 _MODEL_KEYS = ("method", "prior", "estimator_name", "estimator", "x_shape")
@@ -168,6 +169,22 @@ def _read_checkpoint(
     return config, state, device_
 
 
+def _upgrade(config: dict[str, Any]) -> None:
+    """A format-1 model's CNN embedding (maps) is the dilated one: ``pool=False``, which format 1
+    did not record. Its weights also fit the pooled CNN, so without this they would load into
+    the wrong network without an error."""
+    if int(config.get("format_version", 1)) >= 2 or not isinstance(config.get("estimator"), dict):
+        return
+    estimator = config["estimator"]
+    embedding = estimator.get("embedding")
+    c_shape = estimator.get("c_shape")
+    maps = isinstance(c_shape, list) and len(c_shape) in (2, 3)
+    if embedding == "cnn" or (embedding is None and maps):
+        estimator["embedding_kwargs"] = {**(estimator.get("embedding_kwargs") or {}), "pool": False}
+        if config.get("embedding") in ("cnn", None) and maps:
+            config["embedding_kwargs"] = {**(config.get("embedding_kwargs") or {}), "pool": False}
+
+
 def load_model(path: str | os.PathLike[str], device: str = "cpu") -> NPE | NLE:
     """Load a checkpoint directory written by :func:`save` onto ``device``."""
     path = Path(path)
@@ -175,6 +192,7 @@ def load_model(path: str | os.PathLike[str], device: str = "cpu") -> NPE | NLE:
     if config["method"] not in _METHODS:
         raise CheckpointError(f"{path}: unknown method {config['method']!r}")
 
+    _upgrade(config)
     try:
         model = _METHODS[config["method"]](
             prior_from_dict(config["prior"]),

@@ -254,16 +254,27 @@ CPU_ACTIVATION_BYTES = 4 << 20
 
 
 class CNN(nn.Module):
-    r"""Translation-invariant CNN embedding of periodic 2-D maps.
+    r"""Shift-invariant CNN embedding of periodic 2-D maps.
 
-    A stack of convolutions with circular padding (the maps are periodic) whose
-    dilation doubles at each layer (1, 2, 4, …, capped at half the map size), so the
-    receptive field covers the map without any striding or pooling; then global
-    average pooling over the map and an MLP head. Because nothing decimates the map,
-    every layer is exactly equivariant to circular shifts and the output is exactly
-    invariant to them (up to float rounding) — the right symmetry for statistically
-    homogeneous fields. With the default 5 layers the receptive field is 63 pixels
-    across, enough for 64 × 64 maps.
+    A stack of convolutions with circular padding (the maps are periodic), then global
+    average pooling over the map and an MLP head. Two ways to reach across the map:
+
+    - ``pool=True`` (the default): 3 × 3 convolutions with 2 × 2 average pooling after every
+      layer but the last (while the map is at least 4 pixels across), so each layer works on
+      a quarter of the pixels of the one before. Pooling commutes with circular shifts by
+      multiples of 2 pixels per level, so the output is exactly invariant to shifts by
+      multiples of :math:`2^{\text{levels}}` pixels and close to invariant to any other.
+    - ``pool=False``: the dilation doubles at each layer (1, 2, 4, …, capped at half the map
+      size) and nothing decimates the map: every layer is exactly equivariant to circular
+      shifts and the output exactly invariant to all of them (up to float rounding). With 5
+      layers the receptive field is 63 pixels across, but every layer runs at full resolution.
+
+    Measured (NPE with the default NSF on 3,000 cosmology maps of 32 × 32, default channels,
+    one CPU thread, training seed 0): the pooled CNN took 1.2 s an epoch and reached a
+    validation loss of 2.25 after 12 epochs and 2.09 when early stopping ended it (95 epochs,
+    112 s); the dilated one took 24 s an epoch and reached 2.42 after 12 epochs. NPE on the
+    maps' binned power spectrum, a near-sufficient summary of these Gaussian fields, stopped
+    at 2.16. So the pooled network is the default: 20 times cheaper an epoch, and no worse for it.
 
     Arguments:
         in_shape: Shape of one map, ``(H, W)`` or ``(C, H, W)`` for ``C`` channels.
@@ -272,15 +283,19 @@ class CNN(nn.Module):
         kernel_size: Odd kernel size of every convolution.
         hidden: Hidden widths of the MLP head.
         activation: Activation name (a key of :data:`ACTIVATIONS`) or constructor.
+        pool: Average pooling between layers (``True``) or dilated convolutions at full
+            resolution (``False``).
 
     Shapes:
         ``(*, H, W) → (*, out_features)`` (or ``(*, C, H, W) → (*, out_features)``).
 
     Example:
-        >>> net = CNN((16, 16), out_features=4, channels=(8, 8))
+        >>> net = CNN((16, 16), out_features=4, channels=(8, 8, 8))  # pooled: 16 → 8 → 4 pixels
         >>> x = torch.randn(3, 16, 16)
-        >>> shifted = torch.roll(x, shifts=(5, -3), dims=(-2, -1))
-        >>> torch.allclose(net(x), net(shifted), atol=1e-5)
+        >>> torch.allclose(net(x), net(torch.roll(x, shifts=(4, -8), dims=(-2, -1))), atol=1e-5)
+        True
+        >>> dilated = CNN((16, 16), out_features=4, channels=(8, 8), pool=False)
+        >>> torch.allclose(dilated(x), dilated(torch.roll(x, shifts=(5, -3), dims=(-2, -1))), atol=1e-5)
         True
     """
 
@@ -292,11 +307,13 @@ class CNN(nn.Module):
         kernel_size: int = 3,
         hidden: Sequence[int] = (128,),
         activation: Activation = "silu",
+        pool: bool = True,
     ):
         super().__init__()
         in_shape = tuple(int(s) for s in in_shape)
         if len(in_shape) not in (2, 3):
             raise ValueError(f"the CNN embeds maps of shape (H, W) or (C, H, W), got {in_shape}")
+        self.pool = bool(pool)
         if kernel_size % 2 != 1:
             raise ValueError(f"kernel_size must be odd, got {kernel_size}")
         if len(channels) == 0:
@@ -311,8 +328,9 @@ class CNN(nn.Module):
         max_dilation = max(1, min(height, width) // (2 * half)) if half > 0 else 1
         layers: list[nn.Module] = []
         c_in = in_shape[0] if len(in_shape) == 3 else 1
+        self._activation_pixels = []  # pixels of each layer's output, for rows_per_pass
         for i, c_out in enumerate(channels):
-            dilation = min(2**i, max_dilation)
+            dilation = 1 if self.pool else min(2**i, max_dilation)
             layers.append(
                 nn.Conv2d(
                     c_in,
@@ -324,15 +342,18 @@ class CNN(nn.Module):
                 )
             )
             layers.append(act())
+            self._activation_pixels.append(int(c_out) * height * width)
             c_in = int(c_out)
+            if self.pool and i < len(channels) - 1 and height % 2 == 0 and width % 2 == 0 and min(height, width) >= 4:
+                layers.append(nn.AvgPool2d(2))
+                height, width = height // 2, width // 2
         self.convs = nn.Sequential(*layers)
         self.head = MLP(c_in, self.out_features, hidden=hidden, activation=activation)
 
     def rows_per_pass(self, dtype: torch.dtype = torch.float32) -> int:
         """Maps convolved together on the CPU: the largest activation of a pass stays within
         :data:`CPU_ACTIVATION_BYTES`."""
-        widest = max(m.out_channels for m in self.convs if isinstance(m, nn.Conv2d))
-        per_map = widest * self.in_shape[-2] * self.in_shape[-1] * torch.finfo(dtype).bits // 8
+        per_map = max(self._activation_pixels) * torch.finfo(dtype).bits // 8
         return max(1, CPU_ACTIVATION_BYTES // per_map)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -429,12 +450,16 @@ def _cnn(
     kernel_size: int = 3,
     hidden: Sequence[int] = (128,),
     activation: str = "silu",
+    pool: bool = True,
 ) -> tuple[nn.Module, int]:
     out_features = check_int("cnn embedding", "out_features", out_features)
     channels = check_widths("cnn embedding", "channels", channels)
     kernel_size = check_int("cnn embedding", "kernel_size", kernel_size)
     hidden = check_widths("cnn embedding", "hidden", hidden)
-    net = CNN(c_shape, out_features, channels=channels, kernel_size=kernel_size, hidden=hidden, activation=activation)
+    if not isinstance(pool, bool):
+        raise HyperparameterError(f"cnn embedding: pool must be true or false, got {pool!r}")
+    net = CNN(c_shape, out_features, channels=channels, kernel_size=kernel_size, hidden=hidden, activation=activation,
+              pool=pool)
     return net, out_features
 
 
@@ -450,7 +475,7 @@ EMBEDDINGS: dict[str, Callable[..., tuple[nn.Module, int]]] = {
 - ``"mlp"``: flatten, then :class:`MLP` (``out_features=64, hidden=(128, 128), activation="silu"``).
 - ``"resmlp"``: flatten, then :class:`ResidualMLP` (``out_features=64, hidden=128, blocks=2``).
 - ``"cnn"``: :class:`CNN` for maps ``(H, W)`` or ``(C, H, W)`` (``out_features=64``,
-  ``channels=(16, 32, 32, 64, 64)``, ``kernel_size=3``, ``hidden=(128,)``).
+  ``channels=(16, 32, 32, 64, 64)``, ``kernel_size=3``, ``hidden=(128,)``, ``pool=True``).
 """
 
 

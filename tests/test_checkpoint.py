@@ -171,3 +171,32 @@ def test_an_emulator_config_without_its_architecture_is_refused(tmp_path):
         f"{tmp_path / 'e' / 'config.json'} lacks the key 'emulator': "
         "not an sbi_gen emulator, or one saved by an incompatible version"
     )
+
+
+def test_a_format_1_map_model_loads_with_its_dilated_cnn(tmp_path):
+    """Format 1 did not record the CNN's ``pool``, and its CNNs were the dilated ones. The pooled
+    CNN (the default since format 2) has the same weight shapes, so only the format version
+    tells them apart: such a model must load as dilated, not pooled, giving the same densities."""
+    from sbi_gen.priors import BoxUniform
+
+    prior = BoxUniform([0.0], [1.0])
+    theta = prior.sample((64,))
+    maps = theta[:, :, None] * torch.randn(64, 8, 8)
+    small_cnn = {"channels": [2, 2], "out_features": 4, "hidden": [8]}
+    model = NPE(prior, "maf", estimator_kwargs=SMALL, embedding_kwargs={**small_cnn, "pool": False})
+    model.fit((theta, maps), config=TrainConfig(max_epochs=1, progress=False))
+    assert model.estimator.config()["embedding_kwargs"]["pool"] is False
+    save(model, tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["format_version"] == 2
+    del config["estimator"]["embedding_kwargs"]["pool"], config["embedding_kwargs"]["pool"]
+    config["format_version"] = 1
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    old = load_model(tmp_path / "m")
+    assert old.estimator.embedding.pool is False and old.embedding_kwargs["pool"] is False
+    grid = torch.linspace(0.05, 0.95, 7)[:, None]
+    torch.testing.assert_close(old.posterior(maps[0]).log_prob(grid), model.posterior(maps[0]).log_prob(grid), rtol=0, atol=0)
+    # A new model records the default it was built with, so later defaults cannot change it.
+    pooled = NPE(prior, "maf", estimator_kwargs=SMALL, embedding_kwargs=small_cnn)
+    pooled.fit((theta, maps), config=TrainConfig(max_epochs=1, progress=False))
+    assert pooled.estimator.config()["embedding_kwargs"]["pool"] is True

@@ -55,19 +55,35 @@ def test_cnn_shapes(in_shape, batch):
     assert net(torch.randn(*batch, *in_shape)).shape == (*batch, 7)
 
 
-def test_cnn_dilations_cover_the_map_and_stay_valid():
+def test_cnn_pools_down_to_a_few_pixels_by_default():
     net = CNN((64, 64))
+    convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    pools = [m for m in net.modules() if isinstance(m, torch.nn.AvgPool2d)]
+    assert [c.dilation[0] for c in convs] == [1] * 5 and len(pools) == 4  # 64 → 32 → 16 → 8 → 4 pixels
+    assert net.convs(torch.randn(2, 1, 64, 64)).shape == (2, 64, 4, 4)
+    # Pooling stops while the map is at least 4 pixels across, or when a side is odd.
+    assert len([m for m in CNN((8, 8)).modules() if isinstance(m, torch.nn.AvgPool2d)]) == 2
+    assert len([m for m in CNN((12, 10)).modules() if isinstance(m, torch.nn.AvgPool2d)]) == 1
+    assert CNN((12, 10))(torch.randn(3, 12, 10)).shape == (3, 64)
+
+
+def test_cnn_dilations_cover_the_map_and_stay_valid():
+    net = CNN((64, 64), pool=False)
     convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
     assert [c.dilation[0] for c in convs] == [1, 2, 4, 8, 16]
     assert 1 + sum(2 * c.dilation[0] for c in convs) >= 63  # receptive field spans the map
-    small = CNN((6, 6), channels=(2, 2, 2, 2), kernel_size=5)  # dilation capped, circular padding valid
+    small = CNN((6, 6), channels=(2, 2, 2, 2), kernel_size=5, pool=False)  # dilation capped, circular padding valid
     assert small(torch.randn(2, 6, 6)).shape == (2, 64)
 
 
-@pytest.mark.parametrize("shift", [(1, 0), (0, 3), (5, -7), (11, 13)])
-def test_cnn_is_invariant_to_circular_shifts(shift):
+@pytest.mark.parametrize(
+    ("shift", "pool"),
+    # Pooled, 16 × 24 → 8 × 12 → 4 × 6 → 2 × 3: exact for shifts by multiples of 8 pixels.
+    [((1, 0), False), ((0, 3), False), ((5, -7), False), ((11, 13), False), ((8, 0), True), ((-8, 16), True)],
+)
+def test_cnn_is_invariant_to_circular_shifts(shift, pool):
     torch.manual_seed(0)
-    net = CNN((16, 24), out_features=5, channels=(4, 8, 8, 8), hidden=(16,))
+    net = CNN((16, 24), out_features=5, channels=(4, 8, 8, 8), hidden=(16,), pool=pool)
     x = torch.randn(6, 16, 24)
     shifted = torch.roll(x, shifts=shift, dims=(-2, -1))
     out, out_shifted = net(x), net(shifted)
@@ -77,19 +93,22 @@ def test_cnn_is_invariant_to_circular_shifts(shift):
     assert not torch.allclose(net(3 * x), out, atol=1e-3)
 
 
-def test_cnn_multichannel_is_shift_invariant():
+@pytest.mark.parametrize(("shift", "pool"), [((2, 7), False), ((2, 8), True)])  # pooled once: 10 → 5 pixels
+def test_cnn_multichannel_is_shift_invariant(shift, pool):
     torch.manual_seed(1)
-    net = CNN((3, 10, 10), out_features=4, channels=(4, 4))
+    net = CNN((3, 10, 10), out_features=4, channels=(4, 4), pool=pool)
     x = torch.randn(2, 3, 10, 10)
-    torch.testing.assert_close(net(torch.roll(x, (2, 7), (-2, -1))), net(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(net(torch.roll(x, shift, (-2, -1))), net(x), atol=1e-5, rtol=1e-5)
 
 
 def test_cnn_convolves_large_batches_in_passes_with_the_same_result():
     # 64 channels × 16 × 16 float32 = 64 KiB a map: 64 maps a pass within 4 MiB.
     from sbi_gen.nn import CPU_ACTIVATION_BYTES
 
-    net = CNN((16, 16), out_features=4, channels=(8, 64), hidden=(8,))
+    net = CNN((16, 16), out_features=4, channels=(8, 64), hidden=(8,), pool=False)
     assert net.rows_per_pass() == CPU_ACTIVATION_BYTES // (64 * 16 * 16 * 4) == 64
+    # Pooled, the 64 channels are 8 × 8 pixels and the widest activation is theirs.
+    assert CNN((16, 16), channels=(8, 64)).rows_per_pass() == CPU_ACTIVATION_BYTES // (64 * 8 * 8 * 4)
     assert net.rows_per_pass(torch.float64) == 32
     x = torch.randn(600, 16, 16, generator=torch.Generator().manual_seed(0))  # 10 passes, the last of 24
     together = net(x)

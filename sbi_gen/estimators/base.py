@@ -40,7 +40,7 @@ from torch import Size, Tensor
 from torch.distributions import AffineTransform, Distribution, TransformedDistribution, constraints
 from torch.distributions.transforms import Transform
 
-from sbi_gen.nn import build_embedding, default_embedding
+from sbi_gen.nn import CNN, build_embedding, default_embedding
 from sbi_gen.priors import prior_from_dict
 
 __all__ = [
@@ -288,6 +288,10 @@ class ConditionalEstimator(nn.Module, abc.ABC):
         self.embedding, self.context_features = build_embedding(
             self.embedding_name, self.c_shape, **self.embedding_kwargs
         )
+        if isinstance(self.embedding, CNN):
+            # Recorded explicitly: a checkpoint then rebuilds this architecture whatever later
+            # versions choose as the default (the pooled and dilated CNNs share weight shapes).
+            self.embedding_kwargs.setdefault("pool", self.embedding.pool)
         self.y_prior = None if y_prior is None else copy.deepcopy(dict(y_prior))
 
         self.register_buffer("c_mean", torch.zeros(stats_shape))
