@@ -122,11 +122,19 @@ def _finite_or_inf(value: float) -> float:
 
 
 def _parameter_rows(theta: Any, prior: Prior, device: torch.device | str = "cpu") -> Tensor:
-    """θ ``(*, D)`` as float32 on ``device``, or a one-line error naming the prior's parameters."""
+    """θ ``(*, D)`` as float32 on ``device``, or a one-line error naming the prior's parameters.
+
+    With one parameter, a number is one θ and a vector ``(n,)`` is n of them (``(n, 1)``)."""
     theta = torch.as_tensor(np.asarray(theta) if not isinstance(theta, Tensor) else theta, dtype=torch.float32, device=device)
+    if prior.dim == 1 and theta.ndim <= 1 and theta.shape != (1,):
+        theta = theta.unsqueeze(-1)
     if theta.ndim == 0 or theta.shape[-1] != prior.dim:
         got = "a scalar" if theta.ndim == 0 else f"rows of {theta.shape[-1]}"
         raise ValueError(f"theta must have shape (*, {prior.dim}) for the parameters {', '.join(prior.names)}, got {got}")
+    # NaN is no point of the parameter space: its density would come out as -inf or NaN, silently.
+    nan_rows = int(torch.isnan(theta).any(dim=-1).sum())
+    if nan_rows:
+        raise ValueError(f"theta holds NaN in {nan_rows} of its {theta[..., 0].numel()} rows")
     return theta
 
 

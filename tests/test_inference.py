@@ -416,7 +416,8 @@ def test_ctrl_c_before_any_epoch_ends_leaves_no_model():
 
 def test_one_observable_may_be_given_as_plain_numbers():
     """x of shape (n,) trains as (n, 1); an observation of one observable may be a number, and
-    NLE takes a vector of k numbers as k i.i.d. observations (NPE says it conditions on one)."""
+    NLE takes a vector of k numbers as k i.i.d. observations (NPE says it conditions on one);
+    θ of one parameter may be numbers as well, and NaN θ is refused."""
     prior = BoxUniform([0.0], [1.0])
     sim = as_simulator(lambda t, rng: t[:, 0] + 0.1 * rng.normal(size=len(t)), prior)
     data = simulate(sim, n=300, seed=0)
@@ -428,5 +429,13 @@ def test_one_observable_may_be_given_as_plain_numbers():
         assert model.x_shape == (1,)
     assert npe.posterior(0.4).sample((3,)).shape == (3, 1)
     assert nle.posterior([0.4, 0.5, 0.45]).x_obs.shape == (3, 1)
+    # With one parameter, θ may be plain numbers too: a number is one θ, a vector is several.
+    for posterior in (npe.posterior(0.4), nle.posterior(0.4)):
+        rows = posterior.log_prob(torch.tensor([[0.3], [0.5]]))
+        torch.testing.assert_close(posterior.log_prob([0.3, 0.5]), rows)
+        torch.testing.assert_close(posterior.log_prob(0.3), rows[0])
+        assert posterior.log_prob(0.3).shape == () and posterior.log_prob([0.3]).shape == ()
+        with pytest.raises(ValueError, match="theta holds NaN in 1 of its 2 rows"):
+            posterior.log_prob([0.3, float("nan")])
     with pytest.raises(ValueError, match=r"x_obs holds 2 observations of shape \(1,\), but NPE conditions on one"):
         npe.posterior([0.4, 0.5])
