@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import json
 import os
 import sys
+import types
+import typing
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -55,16 +58,74 @@ def _train_config(args: argparse.Namespace, defaults: dict[str, Any], **extra: A
     return TrainConfig(**{**defaults, **given, "seed": args.seed, "device": args.device, "progress": not args.quiet, **extra})
 
 
+# How an error names the JSON type an option takes (a number option takes integers too).
+_JSON_KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
+
+
+def _option_kinds(parameter: inspect.Parameter) -> tuple[type, ...]:
+    """The JSON types a simulator option takes, from its annotation (``float | None``) or else its
+    default; empty when neither tells (e.g. an array), and then the simulator itself judges."""
+    annotation = parameter.annotation
+    if annotation is not inspect.Parameter.empty:
+        union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+        kinds = typing.get_args(annotation) if union else (annotation,)
+        return kinds if all(kind in _JSON_KINDS for kind in kinds) else ()
+    default = parameter.default
+    if isinstance(default, (bool, str)):
+        return (type(default),)
+    return (float,) if isinstance(default, (int, float)) else ()  # an unannotated 4 may mean 4.5 too
+
+
+def _takes(value: Any, kinds: tuple[type, ...]) -> bool:
+    if isinstance(value, bool):
+        return bool in kinds
+    if isinstance(value, int):
+        return int in kinds or float in kinds
+    return type(value) in kinds  # lists and objects: never a declared kind
+
+
+def _check_config(name: str, kwargs: dict[str, Any]) -> None:
+    """A one-line error for an option the simulator's constructor does not have, or a value of
+    another JSON type than its signature declares; the simulator itself checks the rest."""
+    import importlib
+
+    import simulators
+
+    module, cls = simulators.REGISTRY[name].split(":")
+    constructor = getattr(importlib.import_module(module), cls)
+    try:
+        signature = inspect.signature(constructor, eval_str=True)
+    except Exception:  # an annotation that does not evaluate: check the option names only
+        try:
+            signature = inspect.signature(constructor)
+        except (TypeError, ValueError):
+            return
+    options = {key: p for key, p in signature.parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    takes_any = any(p.kind == p.VAR_KEYWORD for p in signature.parameters.values())
+    for key, value in kwargs.items():
+        if key not in options:
+            if not takes_any:
+                known = f"its options are {', '.join(options)}" if options else "it takes none"
+                raise CLIError(f"bad --config for simulator {name!r}: no option {key!r}; {known}")
+            continue
+        kinds = _option_kinds(options[key])
+        if kinds and not _takes(value, kinds):
+            wanted = " or ".join(_JSON_KINDS[k] for k in kinds if not (k is int and float in kinds))
+            raise CLIError(f"bad --config for simulator {name!r}: {key} must be {wanted}, got {json.dumps(value)}")
+
+
 def _simulator(name: str, config: str | None) -> Any:
     import simulators
 
     kwargs = _json_object(config, "--config", '{"n_pix": 64}')
+    if name not in simulators.REGISTRY:
+        raise CLIError(f"unknown simulator {name!r}; registered: {', '.join(simulators.names())}")
+    _check_config(name, kwargs)
     try:
         return simulators.get(name, **kwargs)
-    except KeyError:
-        raise CLIError(f"unknown simulator {name!r}; registered: {', '.join(simulators.names())}") from None
-    except TypeError as error:
-        raise CLIError(f"bad --config for simulator {name!r}: {error}") from None
+    except (TypeError, ValueError) as error:  # the simulator's own checks of the values
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CLIError(f"bad --config for simulator {name!r}: {message}") from None
 
 
 def _parameters(text: str, names: Sequence[str], prior: Any, takes: str, prior_is: str = "", flag: str = "--theta") -> Any:

@@ -43,6 +43,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 import warnings
@@ -299,12 +300,24 @@ class Draws:
         log_prob: ``(L, N)`` their log-densities, or ``None``.
         seed: The seed they were drawn with.
         seconds: Time spent drawing.
+        x_fingerprint: A digest of the observations they were drawn for (see :func:`posterior_draws`),
+            so that a diagnostic given other ``x`` refuses them; ``None`` skips that check.
     """
 
     samples: Tensor
     log_prob: Tensor | None
     seed: int
     seconds: float = 0.0
+    x_fingerprint: str | None = field(default=None, repr=False)
+
+
+def _fingerprint(x: Tensor) -> str:
+    """A digest of the values of observations ``x`` as the diagnostics read them (float32).
+
+    The shape is left out: ``(N,)`` and ``(N, 1)`` hold the same observations.
+    """
+    values = np.ascontiguousarray(x.detach().to(torch.float32).cpu().numpy())
+    return hashlib.blake2b(values, digest_size=16).hexdigest()  # hashes the buffer, no copy
 
 
 def posterior_draws(
@@ -345,21 +358,53 @@ def posterior_draws(
         )
     if not bool(torch.isfinite(samples).all()):
         raise ValueError("the posterior returned NaN or infinite samples")
-    return Draws(samples, log_q, seed, time.perf_counter() - started)
+    return Draws(samples, log_q, seed, time.perf_counter() - started, _fingerprint(x))
 
 
 def _draws(
     posterior: BatchedPosterior, x: Tensor, n_samples: int, seed: int, dim: int, draws: Draws | None = None,
-    with_log_prob: bool = False,
+    with_log_prob: bool = False, dim_of: str = "theta",
 ) -> Draws:
-    if draws is None:
-        draws = posterior_draws(posterior, x, n_samples, seed=seed, with_log_prob=with_log_prob)
-    elif draws.samples.ndim == 3:
-        n_samples = len(draws.samples)  # given draws decide their number
-    if draws.samples.shape != (n_samples, len(x), dim):
+    """The draws a diagnostic uses: ``draws`` when given (checked), else ``n_samples`` fresh ones per ``x``."""
+    if draws is not None:
+        return _check_given_draws(draws, x, dim)
+    draws = posterior_draws(posterior, x, n_samples, seed=seed, with_log_prob=with_log_prob)
+    if draws.samples.shape[2] != dim:
         raise ValueError(
-            f"the posterior draws have shape {tuple(draws.samples.shape)}; expected ({n_samples}, {len(x)}, {dim})"
+            f"the posterior returned samples of shape {tuple(draws.samples.shape)}; expected "
+            f"({n_samples}, {len(x)}, {dim}), as {dim_of} has {dim} parameters"
         )
+    return draws
+
+
+def _check_given_draws(draws: Any, x: Tensor, dim: int) -> Draws:
+    """Refuses ``draws=`` that do not fit the held-out ``x`` (``len(x) == len(theta)``) and ``theta``'s ``dim``.
+
+    Draws of other observations give ranks and coverage that look plausible but mean nothing, so
+    the count, the dimension and (when the draws carry it) the fingerprint of ``x`` must match.
+    """
+    fix = "pass the draws of these observations (diagnostics.posterior_draws(model, x, n_samples))"
+    samples = getattr(draws, "samples", None)  # duck-typed: a reloaded module makes a new Draws class
+    if not isinstance(samples, Tensor):
+        raise TypeError(f"draws must be the Draws that diagnostics.posterior_draws returns, got {type(draws).__name__}")
+    if samples.ndim != 3 or len(samples) == 0:
+        raise ValueError(f"draws.samples must have shape (n_samples >= 1, N, D), got {tuple(samples.shape)}")
+    n_draws, n_obs, n_params = samples.shape
+    if n_obs != len(x):
+        raise ValueError(f"draws hold posterior draws for {n_obs} observations, but theta has {len(x)} rows: {fix}")
+    if n_params != dim:
+        raise ValueError(
+            f"draws hold {n_params} parameters per draw, but theta has {dim} columns: pass draws of the posterior "
+            "of these parameters (diagnostics.posterior_draws(model, x, n_samples))"
+        )
+    log_prob = getattr(draws, "log_prob", None)
+    if log_prob is not None and tuple(log_prob.shape) != (n_draws, n_obs):
+        raise ValueError(f"draws.log_prob must have shape ({n_draws}, {n_obs}), one per draw, got {tuple(log_prob.shape)}")
+    if not bool(torch.isfinite(samples).all()):
+        raise ValueError("draws contain NaN or infinite samples")
+    fingerprint = getattr(draws, "x_fingerprint", None)
+    if fingerprint is not None and fingerprint != _fingerprint(x):
+        raise ValueError(f"draws were drawn for other observations than this x (same number, different values): {fix}")
     return draws
 
 
@@ -838,7 +883,7 @@ def c2st_scores(
     if reference.ndim != 3 or len(reference) != len(x_obs):
         raise ValueError(f"reference_samples must be (B, M, D) with B = {len(x_obs)}, got {tuple(reference.shape)}")
     n = reference.shape[1] if n_samples is None else int(n_samples)
-    draws = _draws(posterior, x_obs, n, seed, reference.shape[2]).samples
+    draws = _draws(posterior, x_obs, n, seed, reference.shape[2], dim_of="reference_samples").samples
     return np.array([c2st(draws[:, i], reference[i], seed=seed, **c2st_options) for i in range(len(x_obs))])
 
 

@@ -60,11 +60,21 @@ def _numpy(samples: Any) -> np.ndarray:
 
 
 def _named_sets(samples: Any) -> dict[str, np.ndarray]:
-    """One array, a list of arrays or a ``{label: array}`` mapping as ``{label: (n, D)}``."""
+    """One array, a list of ``(n, D)`` arrays or a ``{label: array}`` mapping as ``{label: (n, D)}``."""
     if isinstance(samples, Mapping):
         sets = {str(k): _numpy(v) for k, v in samples.items()}
     elif isinstance(samples, (list, tuple)):
-        sets = {f"posterior {i + 1}": _numpy(v) for i, v in enumerate(samples)}
+        arrays = [_numpy(v) for v in samples]
+        # A list of rows (θ vectors or numbers) would otherwise plot each row as a posterior of its
+        # own; a list of 1-D posteriors looks the same, so neither is guessed.
+        for i, values in enumerate(arrays):
+            if values.ndim < 2:
+                raise ValueError(
+                    f"samples is a {type(samples).__name__} of rows or numbers (element {i + 1} has shape "
+                    f"{values.shape}), not of (n, D) sample sets: pass one set as an (n, D) array "
+                    "(e.g. np.asarray(rows)), or several as a dict of named (n, D) arrays"
+                )
+        sets = {f"posterior {i + 1}": values for i, values in enumerate(arrays)}
     else:
         sets = {"posterior": _numpy(samples)}
     if not sets:
@@ -112,7 +122,8 @@ def corner(
     black lines and a star.
 
     Arguments:
-        samples: ``(n, D)`` array/tensor, a list of them, or ``{label: samples}`` for a legend.
+        samples: ``(n, D)`` array/tensor, a list of them, or ``{label: samples}`` for a legend
+            (a list of rows is refused: make it one ``(n, D)`` array first).
         labels: Parameter labels with units, e.g. ``prior.labels``.
         truth: ``(D,)`` true parameters, or ``None``.
         levels: Credible levels of the 2-D contours.

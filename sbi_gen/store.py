@@ -1025,6 +1025,27 @@ def read_info(path: str | os.PathLike[str]) -> dict[str, Any]:
                 if dtype.kind not in ("b" if name == "valid" else "biuf"):
                     wanted = "booleans" if name == "valid" else "numbers"
                     raise StoreError(f"{path}: {name} has dtype {dtype.str}, not {wanted}: not an sbi_gen training set")
+            for key in ("simulator_config", "prior", "parameter_names", "parameter_units", "observable_names"):
+                if isinstance(attrs.get(key), str):
+                    try:
+                        attrs[key + "_decoded"] = json.loads(attrs[key])
+                    except json.JSONDecodeError as error:
+                        raise StoreError(f"{path}: the {key} attribute is not valid JSON ({error.msg})") from None
+            # A hand-edited file (or another tool's) whose datasets disagree with its own description
+            # would load and train on misread rows, or fail deep inside training.
+            names = attrs.get("parameter_names_decoded")
+            if isinstance(names, list) and shapes["theta"][1:] != (len(names),):
+                raise StoreError(
+                    f"{path} is inconsistent: theta has shape {shapes['theta']}, the file says "
+                    f"{len(names)} parameters ({', '.join(map(str, names))})"
+                )
+            if len(shapes["theta"]) != 2:
+                raise StoreError(f"{path} is inconsistent: theta has shape {shapes['theta']}, not (simulations, parameters)")
+            if "observable_shape" in attrs:
+                recorded = attrs["observable_shape"]
+                recorded = tuple(recorded) if isinstance(recorded, list) else (recorded,)
+                if shapes["x"][1:] != recorded:
+                    raise StoreError(f"{path} is inconsistent: x has rows of shape {shapes['x'][1:]}, the file says observable_shape {recorded}")
             # Read the last rows: a truncated file fails here rather than during training.
             handle["x"][n - 1 : n]
             handle["valid"][n - 1 : n]
@@ -1032,9 +1053,6 @@ def read_info(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise
     except (OSError, KeyError, RuntimeError) as error:
         raise StoreError(f"{path} is corrupt or truncated: {str(error).splitlines()[0]}") from None
-    for key in ("simulator_config", "prior", "parameter_names", "parameter_units", "observable_names"):
-        if isinstance(attrs.get(key), str):
-            attrs[key + "_decoded"] = json.loads(attrs[key])
     attrs["shapes"] = shapes
     attrs["file_bytes"] = path.stat().st_size
     return attrs

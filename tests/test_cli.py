@@ -90,6 +90,27 @@ def test_simulate_errors_are_one_line(tmp_path):
     assert sbi_gen("simulate", "two_moons", "--n", 100, "--out", tmp_path / "b.h5", "--seed", 2, "--overwrite").returncode == 0
 
 
+@pytest.mark.parametrize(
+    "simulator, config, message",
+    [
+        ("cosmology", '{"lognormal": "yes"}', 'lognormal must be true or false, got "yes"'),  # was taken as true
+        ("cosmology", '{"n_pix": "big"}', 'n_pix must be an integer, got "big"'),
+        ("cosmology", '{"field_deg": "big"}', 'field_deg must be a number or null, got "big"'),
+        ("cosmology", '{"grid": "big"}', "no option 'grid'; its options are n_pix, field_deg, lognormal, noise,"),
+        ("cosmology", '{"n_pix": 1}', "n_pix must be an integer >= 2, got 1"),  # the simulator's own check
+        ("particle", '{"mass_width": "wide"}', 'mass_width must be a number, got "wide"'),
+        ("particle", '{"efficiency": [1]}', "efficiency must be a number, got [1]"),
+        ("particle", '{"k_max": 2.5}', "k_max must be an integer, got 2.5"),
+    ],
+)
+def test_simulator_options_of_the_wrong_type_are_one_clear_line(tmp_path, simulator, config, message):
+    """A value of the wrong type used to surface as the simulator's TypeError (must be real
+    number, not str), some other error naming no option, or no error at all."""
+    proc = sbi_gen("simulate", simulator, "--n", 10, "--out", tmp_path / "a.h5", "--config", config, check=False)
+    assert_one_line_error(proc, f"sbi-gen: error: bad --config for simulator {simulator!r}: {message}")
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "a.h5").exists()
+
+
 def test_info_errors_are_one_line(tmp_path):
     bad = tmp_path / "bad.h5"
     bad.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 100)

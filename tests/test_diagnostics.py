@@ -359,3 +359,43 @@ def test_posterior_draws_refuse_observations_with_nan():
     post = gaussian_posterior(lambda x: x / 2, lambda x: torch.full_like(x, 0.5**0.5))
     with pytest.raises(ValueError, match="^1 of 3 observations contain NaN or inf; drop invalid rows first$"):
         posterior_draws(post, torch.tensor([[0.0, 0.0], [float("nan"), 0.0], [1.0, 1.0]]), 10)
+
+
+@pytest.mark.parametrize("diagnostic", [sbc, expected_coverage, tarp])
+def test_shared_draws_must_be_those_of_the_observations_diagnosed(pairs, diagnostic):
+    """Draws of other observations gave ranks and coverage that looked plausible and meant nothing."""
+    theta, x = pairs
+    post = posterior("exact")
+    draws = posterior_draws(post, x[:100], 20, seed=1)
+    fix = r"pass the draws of these observations \(diagnostics\.posterior_draws\(model, x, n_samples\)\)$"
+    with pytest.raises(ValueError, match="^draws hold posterior draws for 100 observations, but theta has 200 rows: " + fix):
+        diagnostic(post, theta[:200], x[:200], draws=draws)
+    with pytest.raises(ValueError, match=r"^draws were drawn for other observations than this x \(same number, different values\): " + fix):
+        diagnostic(post, theta[100:200], x[100:200], draws=draws)
+    three = posterior_draws(gaussian_posterior(lambda x: x[:, [0, 1, 1]], lambda x: torch.ones(len(x), 3)), x[:100], 20)
+    with pytest.raises(ValueError, match="^draws hold 3 parameters per draw, but theta has 2 columns: pass draws of the posterior"):
+        diagnostic(post, theta[:100], x[:100], draws=three)
+    with pytest.raises(TypeError, match="^draws must be the Draws that diagnostics.posterior_draws returns, got Tensor$"):
+        diagnostic(post, theta[:100], x[:100], draws=draws.samples)
+    # the same observations in another dtype or container are the same observations
+    diagnostic(post, theta[:100].double(), x[:100].numpy().astype(np.float64), draws=draws)
+
+
+def test_hand_made_draws_are_checked_by_shape_and_values(pairs):
+    from sbi_gen.diagnostics import Draws
+
+    theta, x = pairs
+    post = posterior("exact")
+    draws = posterior_draws(post, x[:100], 20, seed=1)
+    # without a fingerprint only the shapes can be checked, and results are those of the drawn ones
+    plain = Draws(draws.samples, draws.log_prob, draws.seed)
+    assert np.array_equal(sbc(post, theta[:100], x[:100], draws=plain).ranks,
+                          sbc(post, theta[:100], x[:100], draws=draws).ranks)
+    with pytest.raises(ValueError, match=r"^draws\.log_prob must have shape \(20, 100\), one per draw, got \(20, 99\)$"):
+        expected_coverage(post, theta[:100], x[:100], draws=Draws(draws.samples, draws.log_prob[:, :99], 1))
+    with pytest.raises(ValueError, match=r"^draws\.samples must have shape \(n_samples >= 1, N, D\), got \(100, 2\)$"):
+        sbc(post, theta[:100], x[:100], draws=Draws(draws.samples[0], None, 1))
+    nan = draws.samples.clone()
+    nan[3, 5, 1] = math.nan
+    with pytest.raises(ValueError, match="^draws contain NaN or infinite samples$"):
+        tarp(post, theta[:100], x[:100], draws=Draws(nan, None, 1))

@@ -224,3 +224,29 @@ def test_map_panel():
     assert len(limits) == 1  # one colour scale
     with pytest.raises(ValueError, match="same size"):
         map_panel(maps[0], np.zeros((2, 8, 8)))
+
+
+def test_corner_refuses_a_list_of_rows_instead_of_plotting_each_row_as_a_posterior():
+    """``corner([[0.1, 0.2], [0.3, 0.4], ...])`` drew one "posterior" per θ row."""
+    rng = np.random.default_rng(0)
+    rows = rng.normal(size=(50, 2))
+    message = (
+        "samples is a list of rows or numbers (element 1 has shape (2,)), not of (n, D) sample sets: "
+        "pass one set as an (n, D) array (e.g. np.asarray(rows)), or several as a dict of named (n, D) arrays"
+    )
+    for bad in (rows.tolist(), list(rows), [torch.as_tensor(row) for row in rows]):
+        with pytest.raises(ValueError) as caught:
+            corner(bad)
+        assert str(caught.value) == message
+    with pytest.raises(ValueError, match=r"^samples is a tuple of rows or numbers \(element 1 has shape \(\)\)"):
+        corner((0.1, 0.2, 0.3))
+    # a list of 1-D posteriors looks the same, so it is refused too rather than guessed
+    with pytest.raises(ValueError, match=r"element 1 has shape \(50,\)"):
+        corner([rows[:, 0], rows[:, 1]])
+    # the documented forms still work: the rows as one array, a list of (n, D) sets, a 1-D set
+    fig = corner(np.asarray(rows.tolist()))
+    assert len([ax for ax in fig.axes if ax.get_label() != "legend"]) == 3
+    fig = corner([rows, rows + 1])
+    (slot,) = [ax for ax in fig.axes if ax.get_label() == "legend"]
+    assert [t.get_text() for t in slot.get_legend().get_texts()][:2] == ["posterior 1", "posterior 2"]
+    assert len(corner(rows[:, 0]).axes) == 1

@@ -323,6 +323,66 @@ def test_datasets_that_are_not_numbers_are_refused(tmp_path, good_file, name, da
         assert str(error.value) == f"{path}: {name} has dtype {dtype}, not {wanted}: not an sbi_gen training set"
 
 
+@pytest.fixture(scope="module")
+def moons_file(tmp_path_factory):
+    import simulators
+
+    path = tmp_path_factory.mktemp("moons") / "moons.h5"
+    simulate_to_hdf5(simulators.get("two_moons"), 40, path, seed=0, chunk_size=10, progress=False)
+    return path
+
+
+def _edited(tmp_path, source, edit):
+    path = tmp_path / "edited.h5"
+    path.write_bytes(source.read_bytes())
+    with h5py.File(path, "r+") as f:
+        edit(f)
+    return path
+
+
+@pytest.mark.parametrize("recorded", [[3], [2, 1], [], 3])
+def test_x_rows_that_differ_from_the_recorded_observable_shape_are_refused(tmp_path, moons_file, recorded):
+    """A hand-edited observable_shape used to be accepted: the file then described x wrongly."""
+    path = _edited(tmp_path, moons_file, lambda f: f.attrs.__setitem__("observable_shape", recorded))
+    wanted = tuple(recorded) if isinstance(recorded, list) else (recorded,)
+    for reader in (read_info, load):
+        with pytest.raises(StoreError) as error:
+            reader(path)
+        assert str(error.value) == f"{path} is inconsistent: x has rows of shape (2,), the file says observable_shape {wanted}"
+    assert read_info(moons_file)["observable_shape"] == [2]  # the untouched file still reads
+
+
+def _replace(f, name, data):
+    del f[name]
+    f[name] = data
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda f: f.attrs.__setitem__("parameter_names", json.dumps(["a", "b", "c"])),
+         "theta has shape (40, 2), the file says 3 parameters (a, b, c)"),
+        (lambda f: _replace(f, "theta", np.zeros((40, 3))), "theta has shape (40, 3), the file says 2 parameters (theta_1, theta_2)"),
+        (lambda f: _replace(f, "theta", np.zeros(40)), "theta has shape (40,), the file says 2 parameters (theta_1, theta_2)"),
+        (lambda f: (f.attrs.__delitem__("parameter_names"), _replace(f, "theta", np.zeros(40))),
+         "theta has shape (40,), not (simulations, parameters)"),
+    ],
+)
+def test_theta_columns_that_differ_from_the_parameter_names_are_refused(tmp_path, moons_file, edit, message):
+    path = _edited(tmp_path, moons_file, edit)
+    for reader in (read_info, load):
+        with pytest.raises(StoreError) as error:
+            reader(path)
+        assert str(error.value) == f"{path} is inconsistent: {message}"
+
+
+def test_metadata_that_is_not_json_is_refused(tmp_path, moons_file):
+    path = _edited(tmp_path, moons_file, lambda f: f.attrs.__setitem__("parameter_names", "[theta_1, theta_2"))
+    with pytest.raises(StoreError) as error:
+        read_info(path)
+    assert str(error.value) == f"{path}: the parameter_names attribute is not valid JSON (Expecting value)"
+
+
 def test_a_simulator_returning_text_is_refused_at_its_first_chunk(tmp_path):
     """Compressed runs kept any dtype, so a run of text finished only to be refused when loaded."""
     calls = {"n": 0}
