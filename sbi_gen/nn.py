@@ -274,7 +274,8 @@ class CNN(nn.Module):
     Best validation loss after 12 epochs 2.25 against 2.42, after 40 epochs 2.13 (49 s) against
     2.15 (930 s); early stopping ended the pooled one at 2.09 (95 epochs, 112 s). NPE on the
     maps' binned power spectrum, a near-sufficient summary of these Gaussian fields, stopped at
-    2.16. So the pooled network is the default: 20 times cheaper an epoch, and no worse for it.
+    2.16 (``benchmarks/bench_cnn_embedding.py``). So the pooled network is the default: 20 times
+    cheaper an epoch, and no worse for it.
 
     Arguments:
         in_shape: Shape of one map, ``(H, W)`` or ``(C, H, W)`` for ``C`` channels.
