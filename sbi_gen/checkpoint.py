@@ -141,7 +141,7 @@ def _read_checkpoint(
         raise CheckpointError(f"{path / 'config.json'} is not valid JSON: {error}") from None
     if not isinstance(config, dict) or config.get("format") != fmt:
         raise CheckpointError(f"{path} is not an sbi_gen {what} (format is not {fmt!r})")
-    if int(config.get("format_version", -1)) > FORMAT_VERSION:
+    if int(config.get("format_version", -1)) > _FORMAT_VERSIONS.get(fmt, FORMAT_VERSION):
         raise CheckpointError(f"{path} was written by a newer sbi_gen (format {config['format_version']})")
     missing = [key for key in required if key not in config]
     if missing:
@@ -221,6 +221,9 @@ def load_model(path: str | os.PathLike[str], device: str = "cpu") -> NPE | NLE:
 
 
 EMULATOR_FORMAT = "sbi_gen.emulator"
+# The emulator's own format has not changed since its first version.
+EMULATOR_FORMAT_VERSION = 1
+_FORMAT_VERSIONS = {FORMAT: FORMAT_VERSION, EMULATOR_FORMAT: EMULATOR_FORMAT_VERSION}
 
 
 def save_emulator(emulator: MapEmulator, path: str | os.PathLike[str], history: History | None = None) -> Path:
@@ -233,7 +236,7 @@ def save_emulator(emulator: MapEmulator, path: str | os.PathLike[str], history: 
 
     config = {
         "format": EMULATOR_FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": EMULATOR_FORMAT_VERSION,
         "package_version": __version__,
         "emulator": emulator.config(),
         "metadata": emulator.metadata,
