@@ -259,9 +259,10 @@ class CNN(nn.Module):
     A stack of convolutions with circular padding (the maps are periodic), then global
     average pooling over the map and an MLP head. Two ways to reach across the map:
 
-    - ``pool=True`` (the default): 3 × 3 convolutions with 2 × 2 average pooling after every
-      layer but the last (while the map is at least 4 pixels across), so each layer works on
-      a quarter of the pixels of the one before. Pooling commutes with circular shifts by
+    - ``pool=True`` (the default): convolutions with 2 × 2 average pooling after every layer
+      but the last (while the halved map is at least 2 pixels and the kernel's width across),
+      so each layer works on a quarter of the pixels of the one before. Pooling commutes with
+      circular shifts by
       multiples of 2 pixels per level, so the output is exactly invariant to shifts by
       multiples of :math:`2^{\text{levels}}` pixels and close to invariant to any other.
     - ``pool=False``: the dilation doubles at each layer (1, 2, 4, …, capped at half the map
@@ -345,7 +346,10 @@ class CNN(nn.Module):
             layers.append(act())
             self._activation_pixels.append(int(c_out) * height * width)
             c_in = int(c_out)
-            if self.pool and i < len(channels) - 1 and height % 2 == 0 and width % 2 == 0 and min(height, width) >= 4:
+            # Pool while the halved map stays at least 2 pixels, and as wide as the kernel's
+            # reach (circular padding wraps at most once around the map).
+            halved = min(height, width) // 2
+            if self.pool and i < len(channels) - 1 and height % 2 == 0 and width % 2 == 0 and halved >= max(2, 2 * half):
                 layers.append(nn.AvgPool2d(2))
                 height, width = height // 2, width // 2
         self.convs = nn.Sequential(*layers)

@@ -65,6 +65,10 @@ def test_cnn_pools_down_to_a_few_pixels_by_default():
     assert len([m for m in CNN((8, 8)).modules() if isinstance(m, torch.nn.AvgPool2d)]) == 2
     assert len([m for m in CNN((12, 10)).modules() if isinstance(m, torch.nn.AvgPool2d)]) == 1
     assert CNN((12, 10))(torch.randn(3, 12, 10)).shape == (3, 64)
+    # A wider kernel stops pooling earlier: its circular padding must fit the map.
+    wide = CNN((16, 16), channels=(2, 2, 2, 2), kernel_size=7)
+    assert len([m for m in wide.modules() if isinstance(m, torch.nn.AvgPool2d)]) == 1  # 16 → 8, not 4
+    assert wide(torch.randn(2, 16, 16)).shape == (2, 64)
 
 
 def test_cnn_dilations_cover_the_map_and_stay_valid():
