@@ -262,9 +262,9 @@ class CNN(nn.Module):
     - ``pool=True`` (the default): convolutions with 2 × 2 average pooling after every layer
       but the last (while the halved map is at least 2 pixels and the kernel's width across),
       so each layer works on a quarter of the pixels of the one before. Pooling commutes with
-      circular shifts by
-      multiples of 2 pixels per level, so the output is exactly invariant to shifts by
-      multiples of :math:`2^{\text{levels}}` pixels and close to invariant to any other.
+      circular shifts by multiples of 2 pixels per level, so the output is exactly invariant
+      to shifts by multiples of :math:`2^{\text{levels}}` pixels and close to invariant to any
+      other.
     - ``pool=False``: the dilation doubles at each layer (1, 2, 4, …, capped at half the map
       size) and nothing decimates the map: every layer is exactly equivariant to circular
       shifts and the output exactly invariant to all of them (up to float rounding). With 5
