@@ -87,12 +87,9 @@ def _takes(value: Any, kinds: tuple[type, ...]) -> bool:
 def _check_config(name: str, kwargs: dict[str, Any]) -> None:
     """A one-line error for an option the simulator's constructor does not have, or a value of
     another JSON type than its signature declares; the simulator itself checks the rest."""
-    import importlib
-
     import simulators
 
-    module, cls = simulators.REGISTRY[name].split(":")
-    constructor = getattr(importlib.import_module(module), cls)
+    constructor = simulators.simulator_class(name)
     try:
         signature = inspect.signature(constructor, eval_str=True)
     except Exception:  # an annotation that does not evaluate: check the option names only

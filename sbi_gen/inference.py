@@ -103,7 +103,7 @@ AUTO_FAMILIES_TEXT = f"{', '.join(AUTO_FAMILIES[:-1])} and {AUTO_FAMILIES[-1]}"
 AUTO_RACE_EPOCHS = 3
 AUTO_RACE_STEPS = 50
 # With a CNN embedding (maps), each family of the race would train its own CNN, which is most of
-# the cost of a step: the race (at least 50 steps per family) on 3,000 maps would add 2 × 9 CNN
+# the cost of a step: the race (at least 50 steps per family) on 3,000 maps would add 3 × 9 CNN
 # epochs to the fit. Maps are not raced; ``"auto"`` trains this family there.
 AUTO_UNRACED_EMBEDDINGS = ("cnn",)
 AUTO_FAMILY_UNRACED = "nsf"
@@ -782,15 +782,20 @@ class NLEPosterior(_DrawnPosterior):
 
     def log_prob(self, theta: Tensor) -> Tensor:
         theta = _parameter_rows(theta, self.prior)
-        flat = theta.reshape(-1, self.prior.dim)
-        log_prior = self.prior.log_prob(flat.cpu())
+        return self._log_posterior(theta.reshape(-1, self.prior.dim)).reshape(theta.shape[:-1])
+
+    def _log_posterior(self, flat: Tensor) -> Tensor:
+        """``log_prob`` of ``(N, D)`` rows without the checks of a user's θ: MCMC's potential,
+        called every step, for which a NaN proposal is a rejected one (``mcmc`` maps NaN to -inf)."""
+        flat = flat.to(device="cpu", dtype=torch.float32)
+        log_prior = self.prior.log_prob(flat)
         inside = torch.isfinite(log_prior)
         out = torch.full((len(flat),), -math.inf)
         if inside.any():
             with torch.set_grad_enabled(self.sampler == "hmc" and torch.is_grad_enabled()):
                 log_lik = self.nle.log_likelihood(flat[inside], self.x_obs).cpu()
             out = out.masked_scatter(inside, log_prior[inside] + log_lik)
-        return out.reshape(theta.shape[:-1])
+        return out
 
     def sample(self, sample_shape: torch.Size | Sequence[int] | int = torch.Size()) -> Tensor:
         shape = _sample_shape(sample_shape)
@@ -802,7 +807,7 @@ class NLEPosterior(_DrawnPosterior):
         warmup = self.warmup if self.warmup is not None else (60 if imh else 100)
         thin = self.thin if self.thin is not None else (None if imh else 1)
         self.mcmc = run_mcmc(
-            self.log_prob,
+            self._log_posterior,
             self.prior,
             n,
             n_chains=n_chains,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["REGISTRY", "get", "names"]
+__all__ = ["REGISTRY", "get", "names", "simulator_class"]
 
 # name -> "module:Class"; imported lazily so listing names stays cheap.
 REGISTRY: dict[str, str] = {
@@ -29,9 +29,14 @@ def names() -> list[str]:
     return sorted(REGISTRY)
 
 
-def get(name: str, **config: Any) -> Any:
-    """Build the simulator registered as ``name`` with keyword ``config``."""
+def simulator_class(name: str) -> type:
+    """The class registered as ``name`` (imported, not built)."""
     if name not in REGISTRY:
         raise KeyError(f"unknown simulator {name!r}; registered: {', '.join(names())}")
     module, cls = REGISTRY[name].split(":")
-    return getattr(importlib.import_module(module), cls)(**config)
+    return getattr(importlib.import_module(module), cls)
+
+
+def get(name: str, **config: Any) -> Any:
+    """Build the simulator registered as ``name`` with keyword ``config``."""
+    return simulator_class(name)(**config)
