@@ -262,6 +262,21 @@ def _encode_shard(chunk: dict[str, Any], chunk_size: int, compression: str | Non
     return [_SHARD_MAGIC, len(header).to_bytes(8, "little"), header, *parts]
 
 
+def _shard_from_parts(parts: list[Any]) -> dict[str, Any]:
+    """What :func:`_load_shard` reads back from a chunk file, from the parts written to it (no copy)."""
+    header = json.loads(parts[2])
+    pieces = iter(parts[4:])
+    for meta in header["datasets"].values():
+        meta["pieces"] = [next(pieces) for _ in meta["sizes"]]
+    return {
+        "valid": np.asarray(parts[3]).view(bool),
+        "n_rows": int(header["n_rows"]),
+        "n_failed": int(header["n_failed"]),
+        "first_error": str(header["first_error"]),
+        "datasets": header["datasets"],
+    }
+
+
 def _write_shard(path: Path, parts: list[Any]) -> None:
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as handle:
@@ -284,7 +299,9 @@ def _load_shard(source: Path | bytes) -> dict[str, Any]:
     if isinstance(source, Path):
         with open(source, "rb") as handle:
             header, _ = _shard_header(handle)
-            body = np.fromfile(handle, dtype=np.uint8)
+            offset, size = handle.tell(), os.fstat(handle.fileno()).st_size
+        # Mapped, not read: HDF5 copies the pages straight into the file, one copy fewer.
+        body = np.memmap(source, dtype=np.uint8, mode="r", offset=offset) if size > offset else np.zeros(0, np.uint8)
     else:
         handle = io.BytesIO(source)
         header, _ = _shard_header(handle)
@@ -294,9 +311,10 @@ def _load_shard(source: Path | bytes) -> dict[str, Any]:
     n_rows = int(header["n_rows"])
     valid, offset = body[:n_rows].view(bool), n_rows
     for meta in header["datasets"].values():
-        total = sum(meta["sizes"])
-        meta["blob"] = body[offset : offset + total]
-        offset += total
+        meta["pieces"] = []
+        for size in meta["sizes"]:
+            meta["pieces"].append(body[offset : offset + size])
+            offset += size
     return {
         "valid": valid,
         "n_rows": n_rows,
@@ -342,14 +360,28 @@ def _simulate_chunk_to_bytes(
     return b"".join(_encode_shard(run_chunk(simulator, prior, size, seed_sequence), chunk_size, compression))
 
 
+# The assembler hands the kernel what it has written every this many bytes (see _Assembler).
+_SYNC_BEHIND_BYTES = 8 << 20
+
+
 class _Assembler:
-    """Copies encoded chunks into the temporary HDF5 file at their row offsets, in any order."""
+    """Copies encoded chunks into the temporary HDF5 file at their row offsets, in any order.
+
+    The finished file is synced to disk before it is renamed into place. So that this last sync
+    does not wait for the whole file, a thread syncs what has been written so far every
+    :data:`_SYNC_BEHIND_BYTES` (``fdatasync`` releases the GIL): the disk works while chunks
+    are still being simulated.
+    """
 
     def __init__(self, path: Path, run: dict[str, Any], compression: str | None):
         self.path = path
         self.run = run
         self.compression = compression
         self.file = h5py.File(path, "w")
+        self._sync_fd = os.open(path, os.O_RDONLY)
+        self._syncer = ThreadPoolExecutor(1, thread_name_prefix="sbi-gen-sync")
+        self._sync: Future | None = None
+        self._unsynced = 0
         self.datasets: dict[str, Any] = {}  # h5py's lookup by name costs more than a chunk write
         self.valid = np.zeros(run["n_simulations"], dtype=bool)
         self.n_failed = 0
@@ -381,14 +413,18 @@ class _Assembler:
                     f"the first chunk as {dataset.dtype} rows of shape {dataset.shape[1:]}"
                 )
         start = index * self.run["chunk_size"]
+        written = 0
         for name, meta in shard["datasets"].items():
             chunk_writer = self.datasets[name].id
             rows = int(meta["rows"])
-            blob, offset = meta["blob"], 0
             zeros = (0,) * len(meta["shape"])
-            for j, (size, mask) in enumerate(zip(meta["sizes"], meta["masks"], strict=True)):
-                chunk_writer.write_direct_chunk((start + j * rows, *zeros), blob[offset : offset + size], filter_mask=mask)
-                offset += size
+            for j, (piece, mask) in enumerate(zip(meta["pieces"], meta["masks"], strict=True)):
+                chunk_writer.write_direct_chunk((start + j * rows, *zeros), piece, filter_mask=mask)
+                written += len(memoryview(piece).cast("B"))
+        self._unsynced += written
+        if self._unsynced >= _SYNC_BEHIND_BYTES and (self._sync is None or self._sync.done()):
+            self._sync = self._syncer.submit(getattr(os, "fdatasync", os.fsync), self._sync_fd)
+            self._unsynced = 0
         self.valid[start : start + shard["n_rows"]] = shard["valid"]
         self.n_failed += shard["n_failed"]
         if shard["first_error"]:
@@ -405,13 +441,22 @@ class _Assembler:
             shapes.update({f"{group}/{k}": tuple(v.shape) for k, v in self.file.get(group, {}).items()})
         self.file.flush()
         self.file.close()
+        self._stop_syncing()
+        if self._sync is not None:
+            self._sync.result()  # a failed sync (a disk error) fails the run, as the last one would
         with open(self.path, "rb+") as handle:
             os.fsync(handle.fileno())
         return {**counts, "shapes": shapes}
 
+    def _stop_syncing(self) -> None:
+        self._syncer.shutdown(wait=True)
+        with contextlib.suppress(OSError):
+            os.close(self._sync_fd)
+
     def abort(self) -> None:
         with contextlib.suppress(Exception):
             self.file.close()
+        self._stop_syncing()
         with contextlib.suppress(FileNotFoundError):
             os.remove(self.path)
 
@@ -912,8 +957,9 @@ def _local_chunks(
     if workers == 1:
         # One process: a thread encodes and saves chunk i while this one simulates chunk i + 1.
         def save(index: int, chunk: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-            _write_shard(shards[index], _encode_shard(chunk, chunk_size, compression))
-            return index, _load_shard(shards[index])
+            parts = _encode_shard(chunk, chunk_size, compression)
+            _write_shard(shards[index], parts)
+            return index, _shard_from_parts(parts)  # the file is for a resume; no need to read it back
 
         results = _handle_behind(simulator, prior, todo, sizes, seeds, save)
         with contextlib.closing(results):
