@@ -450,8 +450,10 @@ class _Assembler:
 
     def _stop_syncing(self) -> None:
         self._syncer.shutdown(wait=True)
-        with contextlib.suppress(OSError):
-            os.close(self._sync_fd)
+        if self._sync_fd >= 0:  # once: a second close could close a file opened since under that number
+            with contextlib.suppress(OSError):
+                os.close(self._sync_fd)
+            self._sync_fd = -1
 
     def abort(self) -> None:
         with contextlib.suppress(Exception):
