@@ -58,7 +58,7 @@ def _sbi_prior(task):
 
 
 def run_ours(kind, task, theta, x, observations, n_samples, seed, estimator=None):
-    torch.manual_seed(seed)  # the initial weights, as for sbi and the zuko script
+    torch.manual_seed(seed)  # as for sbi and the zuko script (our initial weights come from the config's seed)
     options = {}
     if estimator == "bijection":  # the default estimator, θ modelled in the prior's unconstrained space
         estimator, options = None, {"bijection": True}

@@ -47,7 +47,7 @@ from torch import Tensor
 from sbi_gen.estimators.diffusion import SAMPLERS, DiffusionTimeEmbedding, VPSchedule
 from sbi_gen.nn import MLP, UNet
 from sbi_gen.store import read_info
-from sbi_gen.train import History, TrainConfig, fit
+from sbi_gen.train import History, TrainConfig, fit, seeded_torch
 
 __all__ = [
     "FAMILIES",
@@ -638,10 +638,11 @@ def train_emulator(
         "parameter_names": info.get("parameter_names_decoded"),
         "n_simulations": info.get("n_simulations"),
     }
-    emulator = MapEmulator(family, x_shape, theta_dim, hyperparameters, metadata=metadata,
-                          pixel_transform=pixel_transform, pixel_shift=pixel_shift)
-    history = fit(emulator, data, config=config or emulator_train_config(family), y_key="x", c_key="theta",
-                  state_path=state_path)
+    config = config or emulator_train_config(family)
+    with seeded_torch(config.seed, "weights"):  # initial weights from config.seed, as NPE's and NLE's
+        emulator = MapEmulator(family, x_shape, theta_dim, hyperparameters, metadata=metadata,
+                              pixel_transform=pixel_transform, pixel_shift=pixel_shift)
+    history = fit(emulator, data, config=config, y_key="x", c_key="theta", state_path=state_path)
     return emulator.eval(), history
 
 

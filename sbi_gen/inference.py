@@ -37,7 +37,7 @@ from sbi_gen.mcmc import SAMPLERS, MCMCResult, run_mcmc
 from sbi_gen.nn import default_embedding
 from sbi_gen.priors import PointMass, Prior, prior_from_dict
 from sbi_gen.store import TrainingSet, load, read_info
-from sbi_gen.train import History, TrainConfig, checked_config, fit, resolve_device
+from sbi_gen.train import History, TrainConfig, checked_config, fit, resolve_device, seeded_torch
 
 __all__ = ["NLE", "NPE", "NLEPosterior", "NPEPosterior"]
 
@@ -275,7 +275,7 @@ class _Method(abc.ABC):
                 return self._fit_auto(training_data, x_shape, n_rows, config, state_path)
             if self.estimator is None or self.x_shape != x_shape:
                 self.x_shape = x_shape
-                self.estimator = self._build(self.prior.dim, x_shape)
+                self.estimator = self._seeded_build(x_shape, config)
             y_key, c_key = self._file_roles
             self.history = fit(
                 self.estimator, training_data, config=config, y_key=y_key, c_key=c_key, state_path=state_path
@@ -316,16 +316,14 @@ class _Method(abc.ABC):
         # A race as long as the whole training is the whole training: its winner is kept as it is.
         whole = race_epochs >= config.max_epochs
         race_config = config if whole else dataclasses.replace(config, max_epochs=race_epochs)
-        # Every family, and the winner's full training, starts from the random state a fit of
-        # that family alone would start from: the kept model is the one ``NPE(prior, winner)``
-        # would have trained.
-        initial_rng = torch.random.get_rng_state()
+        # Every family, and the winner's full training, starts from the initial weights a fit of
+        # that family alone would start from (config.seed's): the kept model is the one
+        # ``NPE(prior, winner)`` would have trained.
         fitted, diverged = {}, {}
         interrupted = False
         race_started = time.perf_counter()
         for name in AUTO_FAMILIES:
-            torch.random.set_rng_state(initial_rng)
-            estimator = self._build(self.prior.dim, x_shape, name)
+            estimator = self._seeded_build(x_shape, config, name)
             try:
                 history = fit(estimator, training_data, config=race_config, y_key=y_key, c_key=c_key)
             except FloatingPointError as error:  # a diverging family loses the race; the others may not diverge
@@ -357,7 +355,6 @@ class _Method(abc.ABC):
             self.history.interrupted = self.history.interrupted or interrupted
         else:
             del fitted  # the race's models are dropped before the winner's full training
-            torch.random.set_rng_state(initial_rng)
             self._train_family(best, training_data, x_shape, config, state_path)
         # Validation losses by family, in AUTO_FAMILIES order; None for a family that diverged
         # (strict JSON in the checkpoint's config, which has no infinity); families a Ctrl-C
@@ -381,11 +378,18 @@ class _Method(abc.ABC):
         assert self.prior is not None
         y_key, c_key = self._file_roles
         self.estimator_name, self.x_shape = name, x_shape
-        self.estimator = self._build(self.prior.dim, x_shape, name)
+        self.estimator = self._seeded_build(x_shape, config, name)
         self.history = fit(
             self.estimator, training_data, config=config, y_key=y_key, c_key=c_key, state_path=state_path
         )
         self.estimator.to(self.device)
+
+    def _seeded_build(self, x_shape: tuple[int, ...], config: TrainConfig, name: str | None = None) -> ConditionalEstimator:
+        """A fresh estimator whose initial weights come from ``config.seed`` (not from torch's
+        global state, which differs from process to process)."""
+        assert self.prior is not None
+        with seeded_torch(config.seed, "weights"):
+            return self._build(self.prior.dim, x_shape, name)
 
     def train_config(self, **overrides: Any) -> TrainConfig:
         """The estimator family's recommended :class:`~sbi_gen.train.TrainConfig` on this model's
@@ -525,24 +529,26 @@ class NPE(_Method):
         """``n`` draws per observation of a batched ``dist``, inside the prior's support.
 
         Without the bijection, draws outside are replaced by the next draws inside for the same
-        observation: each round draws, for every observation, enough to fill the column with
-        the most holes at the acceptance seen so far (plus 10 %), at most ``10 n + 100``.
+        observation: each round draws, for every observation, enough to fill the holes of the one
+        that needs most at its own acceptance so far (plus 10 %), at most ``10 n + 100``.
         """
         draws = _sample_in_passes(dist, n, self.device)
         if self.bijection:
             return draws
         outside = ~self.inside_support(draws)
-        drawn, kept = draws.shape[0] * draws.shape[1], int((~outside).sum())
+        # Per observation: one that leaks badly must not wait on the acceptance of the others.
+        drawn, kept = torch.full(outside.shape[1:], n, dtype=torch.float64), (~outside).sum(0).double().cpu()
         for _ in range(max_rounds):
             holes = outside.sum(0)
             if not bool(holes.any()):
                 return draws
-            acceptance = max(kept / drawn, 1e-3)
+            acceptance = (kept / drawn).clamp_min(1e-3)
+            needed = float((holes.double().cpu() / acceptance).max())
             # Capped so that a badly leaking batch costs rounds (then the error below), not memory.
-            extra = _sample_in_passes(dist, min(math.ceil(1.1 * int(holes.max()) / acceptance) + 10, 10 * n + 100), self.device)
+            extra = _sample_in_passes(dist, min(math.ceil(1.1 * needed) + 10, 10 * n + 100), self.device)
             inside_extra = self.inside_support(extra)
             outside_extra = ~inside_extra
-            drawn, kept = drawn + inside_extra.numel(), kept + int(inside_extra.sum())
+            drawn, kept = drawn + len(extra), kept + inside_extra.sum(0).double().cpu()
             # The r-th hole of a column takes the column's r-th new draw inside the support.
             order = torch.argsort(outside_extra.to(torch.int8), dim=0, stable=True)
             rank = (torch.cumsum(outside.to(torch.int64), dim=0) - 1).clamp(0, len(extra) - 1)
@@ -551,8 +557,10 @@ class NPE(_Method):
             candidates = extra.gather(0, source.unsqueeze(-1).expand(-1, -1, draws.shape[-1]))
             draws = torch.where(filled.unsqueeze(-1), candidates, draws)
             outside = outside & ~filled
+        worst = float((kept / drawn).min())
         raise RuntimeError(
-            f"posterior draws kept falling outside the prior's support ({100 * kept / drawn:.1f}% inside); "
+            f"posterior draws kept falling outside the prior's support ({100 * worst:.2g}% inside for the worst "
+            f"observation, {100 * float(kept.sum() / drawn.sum()):.1f}% overall); "
             "the estimator is badly trained for some observations (NPE(..., bijection=True) never leaves the support)"
         )
 

@@ -63,6 +63,7 @@ __all__ = [
     "default_streaming_threshold",
     "fit",
     "resolve_device",
+    "seeded_torch",
     "with_overrides",
 ]
 
@@ -99,7 +100,9 @@ class TrainConfig:
         min_learning_rate: Training stops when the learning rate falls below this.
         clip_grad_norm: Maximum gradient norm (``None``: no clipping).
         val_fraction: Share of the rows held out for validation.
-        seed: Seed of the split, the initial weights' shuffling and batches.
+        seed: Seed of the split, the shuffling into batches and the training's own random
+            draws (see :func:`seeded_torch`); NPE, NLE and emulators build their initial
+            weights from it too. Torch's global random state is neither used nor changed.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, or ``"auto"`` (CUDA when available). Under
             ``torchrun``, ``"cuda"`` means each process's own GPU (``LOCAL_RANK``).
         progress: Show a progress bar with the training and validation loss.
@@ -485,15 +488,46 @@ def fit(
     else:
         batches = _in_memory(data, config, device, y_key, c_key)
     estimator.to(device)
-    if standardize and hasattr(estimator, "set_standardization") and process_info().rank == 0:
-        estimator.set_standardization(*batches.standardization())
-    broadcast_module(estimator)  # same weights and statistics everywhere
-    state = None
-    if state_path is not None:
-        if process_info().world_size > 1:
-            raise ValueError("state_path (resumable training) is not available under torchrun")
-        state = _TrainingState(Path(state_path), _fingerprint(estimator, config, batches))
-    return _train(estimator, batches, config, device, state)
+    # Training's own random draws (a diffusion model's noise levels, a VAE's latents) come from
+    # config.seed, not from whatever torch's global state was: the same call gives the same model.
+    with seeded_torch(config.seed, f"training {process_info().rank}", device):
+        if standardize and hasattr(estimator, "set_standardization") and process_info().rank == 0:
+            estimator.set_standardization(*batches.standardization())
+        broadcast_module(estimator)  # same weights and statistics everywhere
+        state = None
+        if state_path is not None:
+            if process_info().world_size > 1:
+                raise ValueError("state_path (resumable training) is not available under torchrun")
+            state = _TrainingState(Path(state_path), _fingerprint(estimator, config, batches))
+        return _train(estimator, batches, config, device, state)
+
+
+@contextlib.contextmanager
+def seeded_torch(seed: int, stream: str, device: torch.device | str = "cpu") -> Iterator[None]:
+    """Inside the block, torch's global random state (CPU, and ``device`` if CUDA) is seeded
+    from ``(seed, stream)``; after it, the caller's state is back as it was.
+
+    Distinct ``stream`` names give independent streams from one seed (e.g. the initial
+    weights and the training's draws). Torch seeds its global state differently in every
+    process, so without this a model built and trained "with seed 0" differs from run to run.
+
+    Example:
+        >>> with seeded_torch(0, "weights"):
+        ...     a = torch.randn(2)
+        >>> with seeded_torch(0, "weights"):
+        ...     b = torch.randn(2)
+        >>> bool((a == b).all())
+        True
+    """
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    index = (device.index if device.index is not None else torch.cuda.current_device()) if cuda else None
+    derived = int(np.random.SeedSequence([int(seed), *stream.encode()]).generate_state(1, np.uint64)[0] >> 1)
+    with torch.random.fork_rng(devices=[index] if cuda else []):
+        torch.default_generator.manual_seed(derived)
+        if cuda:
+            torch.cuda.default_generators[index].manual_seed(derived)
+        yield
 
 
 # TrainConfig fields a resumed run may change: they do not change what the epochs done computed

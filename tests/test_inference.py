@@ -159,6 +159,17 @@ def test_npe_without_the_bijection_rejects_draws_outside_and_renormalizes(tmp_pa
     far = torch.distributions.Independent(torch.distributions.Normal(torch.full((3, 2), 10.0), 0.1), 1)
     with pytest.raises(RuntimeError, match="kept falling outside the prior's support"):
         npe._draw_inside(far, 100)
+    # One observation with 2% of its mass inside the box, two with all of it: the rounds are
+    # sized by the leaking observation's own acceptance, not by the batch's (about 35%), which
+    # would fill under 5% of its holes a round and give up after 20.
+    loc = torch.tensor([[0.5, 0.5], [0.5, 0.5], [0.5, -2.0]])
+    scale = torch.tensor([[0.1, 0.1], [0.1, 0.1], [0.1, 1.0]])
+    leaky = torch.distributions.Independent(torch.distributions.Normal(loc, scale), 1)
+    torch.manual_seed(0)
+    filled = npe._draw_inside(leaky, 500)
+    assert filled.shape == (500, 3, 2) and torch.isfinite(prior.log_prob(filled.reshape(-1, 2))).all()
+    # Its draws are the truncated normal's: mean of N(-2, 1) on [0, 1] is 0.3158, sd 0.2480 (scipy.stats.truncnorm).
+    assert abs(float(filled[:, 2, 1].mean()) - 0.3158) < 5 * 0.2480 / math.sqrt(500)
     save(npe, tmp_path / "model")
     loaded = load_model(tmp_path / "model")
     assert isinstance(loaded, NPE) and loaded.bijection is False
@@ -237,6 +248,28 @@ def test_clear_errors_for_bad_use():
             nle.posterior(np.zeros(2), **options)
     with pytest.raises(ValueError, match="x_obs holds no observation"):
         nle.posterior(np.zeros((0, 2)))
+
+
+@pytest.mark.parametrize("method", [NPE, NLE])
+def test_the_config_seed_alone_decides_the_trained_model(method):
+    """Torch seeds its global state differently in every process: the initial weights must come
+    from TrainConfig.seed, or "seed=0" gives another model each run. (A flow: the Gaussian's
+    closed-form start would not depend on its initial weights.)"""
+    prior = BoxUniform([-1.0, -1.0], [1.0, 1.0])
+    g = torch.Generator().manual_seed(0)
+    theta = prior.sample((300,))
+    x = theta + 0.1 * torch.randn(300, 2, generator=g)
+    probe_theta, probe_x = theta[:5], x[:5]
+    log_probs = {}
+    for global_seed, config_seed in ((1, 0), (2, 0), (1, 1)):
+        torch.manual_seed(global_seed)
+        model = method(prior, "nsf", estimator_kwargs={"transforms": 2, "hidden_features": [16, 16]})
+        model.fit((theta, x), config=model.train_config(max_epochs=2, progress=False, seed=config_seed))
+        y, c = (probe_theta, probe_x) if method is NPE else (probe_x, probe_theta)
+        with torch.no_grad():
+            log_probs[global_seed, config_seed] = model.estimator(c).log_prob(y)
+    assert torch.equal(log_probs[1, 0], log_probs[2, 0])
+    assert not torch.equal(log_probs[1, 0], log_probs[1, 1])
 
 
 def test_default_estimators_differ_by_method():

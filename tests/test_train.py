@@ -48,6 +48,43 @@ def test_fit_is_reproducible_with_a_seed():
     assert torch.equal(weights[0], weights[1])
 
 
+def test_training_draws_come_from_the_config_seed_not_the_global_state():
+    # A diffusion model draws noise levels and noise in its loss: with the same initial weights,
+    # the same TrainConfig.seed must give the same model whatever torch's global state was, and
+    # the caller's global stream must be left where it was.
+    y, c = _data(200)
+    torch.manual_seed(0)
+    initial = build_estimator("diffusion", 1, (1,), hidden=16, blocks=1).state_dict()
+    weights, after = [], []
+    for global_seed in (1, 2):
+        est = build_estimator("diffusion", 1, (1,), hidden=16, blocks=1)
+        est.load_state_dict(initial)
+        torch.manual_seed(global_seed)
+        expected_next = torch.randn(3, generator=torch.Generator().manual_seed(global_seed))
+        fit(est, (y, c), config=TrainConfig(max_epochs=2, progress=False, seed=3))
+        after.append(torch.randn(3))
+        assert torch.equal(after[-1], expected_next)  # fit used none of the caller's stream
+        weights.append(torch.cat([p.flatten() for p in est.parameters()]))
+    assert torch.equal(weights[0], weights[1])
+
+
+def test_seeded_torch_streams_are_independent_and_restore_the_caller_state():
+    from sbi_gen.train import seeded_torch
+
+    torch.manual_seed(7)
+    state = torch.get_rng_state()
+    with seeded_torch(0, "weights"):
+        a = torch.randn(4)
+    with seeded_torch(0, "training 0"):
+        b = torch.randn(4)
+    with seeded_torch(1, "weights"):
+        c = torch.randn(4)
+    with seeded_torch(0, "weights"):
+        assert torch.equal(torch.randn(4), a)
+    assert not torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 def test_early_stopping_with_patience():
     y, c = _data(300)
     y = torch.randn_like(y)  # nothing to learn: validation loss stops improving quickly
