@@ -26,6 +26,7 @@ SMALL = {
     "maf": {"transforms": 2, "hidden_features": [16, 16]},
     "cnf": {"hidden_features": [16, 16], "atol": 1e-5, "rtol": 1e-4},
     "diffusion": {"hidden": 16, "blocks": 1, "time_features": 8},
+    "ensemble": {"family": "nsf", "members": 2, "family_kwargs": {"transforms": 1, "hidden_features": [16], "bins": 4}},
     "vae": {"latent_features": 2, "hidden_features": [16, 16]},
 }
 # Estimators whose log_prob is a Monte Carlo estimate: the hyperparameters of its r-th
@@ -482,3 +483,29 @@ def test_gaussian_starts_at_the_least_squares_maximum_likelihood_fit():
     singular = build_estimator("gaussian", 2, (4,))
     singular.set_standardization(exact, c)
     assert torch.isfinite(singular(c[:5]).log_prob(exact[:5])).all() and torch.isfinite(singular.scale_tril()).all()
+
+
+def test_ensemble_is_the_equal_mixture_of_its_members_and_refuses_useless_families():
+    torch.manual_seed(0)
+    est = small("ensemble", y_dim=2)
+    est.set_standardization(torch.randn(200, 2) * 3 + 1, torch.randn(200, 3))
+    c, y = conditions("vector", 4), torch.randn(6, 4, 2)
+    h = est.embed(c)
+    members = torch.stack([member.core(h).log_prob((y - est.y_mean) / est.y_std) for member in est.members])
+    assert not torch.allclose(members[0], members[1])  # their own initial weights
+    expected = torch.logsumexp(members, 0) - math.log(2) - est.y_std.log().sum()
+    torch.testing.assert_close(est(c).log_prob(y), expected)
+    # Validation scores every member on the same rows; training resamples each member's rows.
+    z = (torch.randn(64, 2) - est.y_mean) / est.y_std
+    hz = est.embed(torch.randn(64, 3))
+    est.eval()
+    torch.testing.assert_close(est.core_loss(z, hz), torch.stack([m.core_loss(z, hz) for m in est.members]).mean())
+    est.train()
+    assert not torch.allclose(est.core_loss(z, hz), torch.stack([m.core_loss(z, hz) for m in est.members]).mean())
+    for family in ("gaussian", "ensemble", "nope"):
+        with pytest.raises(HyperparameterError, match="family must be one of"):
+            build_estimator("ensemble", 2, (3,), family=family)
+    with pytest.raises(HyperparameterError, match="members"):
+        build_estimator("ensemble", 2, (3,), members=1)
+    with pytest.raises(HyperparameterError, match="'nsf' got unknown hyperparameters"):
+        build_estimator("ensemble", 2, (3,), family_kwargs={"widths": 3})

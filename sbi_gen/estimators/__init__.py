@@ -23,6 +23,7 @@ from typing import Any
 
 from sbi_gen.estimators.base import ConditionalEstimator, SupportTransform
 from sbi_gen.estimators.diffusion import Diffusion
+from sbi_gen.estimators.ensemble import Ensemble
 from sbi_gen.estimators.flows import CNF, MAF, NSF
 from sbi_gen.estimators.gaussian import Gaussian
 from sbi_gen.estimators.vae import VAE
@@ -37,6 +38,7 @@ __all__ = [
     "VAE",
     "ConditionalEstimator",
     "Diffusion",
+    "Ensemble",
     "Gaussian",
     "HyperparameterError",
     "SupportTransform",
@@ -46,6 +48,7 @@ __all__ = [
 ESTIMATORS: dict[str, type[ConditionalEstimator]] = {
     "cnf": CNF,
     "diffusion": Diffusion,
+    "ensemble": Ensemble,
     "gaussian": Gaussian,
     "maf": MAF,
     "nsf": NSF,
