@@ -526,7 +526,8 @@ def seeded_torch(seed: int, stream: str, device: torch.device | str = "cpu") -> 
     with torch.random.fork_rng(devices=[index] if cuda else []):
         torch.default_generator.manual_seed(derived)
         if cuda:
-            torch.cuda.default_generators[index].manual_seed(derived)
+            with torch.cuda.device(index):
+                torch.cuda.manual_seed(derived)
         yield
 
 
