@@ -221,29 +221,30 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from sbi_gen import distributed
     from sbi_gen.checkpoint import save
     from sbi_gen.estimators import ESTIMATORS
-    from sbi_gen.inference import AUTO, AUTO_FAMILIES, AUTO_FAMILIES_TEXT, NLE, NPE, check_drawn_from_prior
+    from sbi_gen.inference import AUTO, NLE, NPE, check_drawn_from_prior, families_text
     from sbi_gen.priors import prior_from_dict
     from sbi_gen.store import read_info
     from sbi_gen.train import TrainingStateError
 
     method = {"npe": NPE, "nle": NLE}[args.method]
-    if args.estimator is None:
-        args.estimator = method.default_estimator
+    estimator_kwargs = _json_object(args.estimator_kwargs, "--estimator-kwargs", '{"transforms": 3}')
+    if args.estimator is None:  # as the API: hyperparameters with no family named are NLE's MAF's
+        use_kwargs_family = bool(estimator_kwargs) and method.family_for_kwargs is not None
+        args.estimator = method.family_for_kwargs if use_kwargs_family else method.default_estimator
     if args.estimator not in ESTIMATORS and args.estimator != AUTO:
         raise CLIError(f"unknown estimator {args.estimator!r}; known: {', '.join(sorted(ESTIMATORS))}, or {AUTO}")
     info = read_info(args.data)
     check_drawn_from_prior(prior_from_dict(info["prior_decoded"]), args.data)
     _check_some_valid(info, args.data)
-    estimator_kwargs = _json_object(args.estimator_kwargs, "--estimator-kwargs", '{"transforms": 3}')
     if estimator_kwargs and args.estimator == AUTO:
         raise CLIError(f"--estimator-kwargs set the hyperparameters of one family: name it with --estimator (e.g. nsf) "
-                       f"instead of auto, which races {AUTO_FAMILIES_TEXT}")
+                       f"instead of auto, which races {families_text(method.auto_families)}")
     if args.bijection and args.method != "npe":
         raise CLIError("--bijection applies to NPE only: NLE models x given θ, and its MCMC runs in the prior's unconstrained space")
     options = {"bijection": True} if args.bijection else {}
     model = method(None, args.estimator, embedding=args.embedding, estimator_kwargs=estimator_kwargs, device=args.device, **options)
     streaming = {"auto": None, "on": True, "off": False}[args.streaming]
-    family = AUTO_FAMILIES[0] if args.estimator == AUTO else args.estimator
+    family = method.auto_families[0] if args.estimator == AUTO else args.estimator
     config = _train_config(args, ESTIMATORS[family].training_defaults, streaming=streaming)
     # Under torchrun every process trains its shard of the same model; rank 0 alone reports and saves.
     distributed.init_from_env(args.device)
@@ -770,9 +771,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train NPE or NLE on an HDF5 training set and save the model")
     p.add_argument("data", help="HDF5 training set from `sbi-gen simulate`")
     p.add_argument("--method", choices=["npe", "nle"], default="npe")
-    p.add_argument("--estimator", default=None, help="estimator name: auto (default for npe: nsf, maf and gaussian raced for 3 epochs, the one with the "
-                   "lower validation loss trained in full; maps train nsf, not raced), nsf, maf (default for nle), gaussian, cnf, "
-                   "vae, diffusion")
+    p.add_argument("--estimator", default=None, help="estimator name: auto (the default: for npe nsf, maf and gaussian raced for 3 epochs, "
+                   "the one with the lower validation loss trained in full, maps train nsf, not raced; for nle maf and gaussian "
+                   "raced), nsf, maf, gaussian, cnf, vae, diffusion, ensemble")
     p.add_argument("--estimator-kwargs", default=None, help="estimator hyperparameters as a JSON object")
     p.add_argument("--embedding", default=None, help="embedding of x for NPE: identity (default for vectors), mlp, resmlp, cnn (default for maps)")
     p.add_argument("--out", required=True, help="output model directory (it also holds the training state, "

@@ -275,7 +275,11 @@ def test_the_config_seed_alone_decides_the_trained_model(method):
 def test_default_estimators_differ_by_method():
     prior = BoxUniform([-1.0, -1.0], [1.0, 1.0])
     assert NPE(prior).estimator_name == "auto"  # NSF, MAF and the linear Gaussian raced, see NPE
-    assert NLE(prior).estimator_name == "maf"  # affine flows fit near-Gaussian likelihoods; see NLE
+    assert NLE(prior).estimator_name == "auto"  # the affine flow raced against the linear Gaussian; see NLE
+    assert NLE.auto_families == ("maf", "gaussian") and NPE.auto_families == ("nsf", "maf", "gaussian")
+    assert NLE(prior, estimator_kwargs={"transforms": 2}).estimator_name == "maf"  # hyperparameters name no race
+    with pytest.raises(ValueError, match="instead of 'auto', which races nsf, maf and gaussian"):
+        NPE(prior, estimator_kwargs={"transforms": 2})
     assert NLE(prior, "nsf").estimator_name == "nsf"
 
 
