@@ -45,7 +45,8 @@ from sbi_gen.simulate import simulate
 METHODS = ["ours-npe", "ours-nle", "sbi-npe", "sbi-nle", "zuko"]
 # The other generative families behind the same interface (``ours-KIND-ESTIMATOR``).
 FAMILIES = ["ours-npe-vae", "ours-npe-diffusion", "ours-nle-vae", "ours-nle-diffusion", "ours-npe-nsf",
-            "ours-npe-maf", "ours-npe-gaussian", "ours-npe-bijection", "ours-nle-auto", "ours-nle-nsf", "ours-nle-gaussian"]
+            "ours-npe-maf", "ours-npe-gaussian", "ours-npe-bijection", "ours-nle-auto", "ours-nle-nsf", "ours-nle-gaussian",
+            "ours-npe-ensemble"]
 
 
 def _sbi_prior(task):
