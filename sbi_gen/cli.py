@@ -228,9 +228,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     method = {"npe": NPE, "nle": NLE}[args.method]
     estimator_kwargs = _json_object(args.estimator_kwargs, "--estimator-kwargs", '{"transforms": 3}')
-    if args.estimator is None:  # as the API: hyperparameters with no family named are NLE's MAF's
-        use_kwargs_family = bool(estimator_kwargs) and method.family_for_kwargs is not None
-        args.estimator = method.family_for_kwargs if use_kwargs_family else method.default_estimator
+    args.estimator = method.estimator_for(args.estimator, estimator_kwargs)
     if args.estimator not in ESTIMATORS and args.estimator != AUTO:
         raise CLIError(f"unknown estimator {args.estimator!r}; known: {', '.join(sorted(ESTIMATORS))}, or {AUTO}")
     info = read_info(args.data)

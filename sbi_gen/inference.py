@@ -194,6 +194,14 @@ class _Method(abc.ABC):
     # The datasets of a training-set file that play the estimator's y and c (as ``_roles``).
     _file_roles: tuple[str, str] = ("theta", "x")
 
+    @classmethod
+    def estimator_for(cls, estimator: str | None, estimator_kwargs: dict[str, Any] | None = None) -> str:
+        """The estimator name ``estimator`` means (``None``: the method's default); hyperparameters
+        given with no family named are ``family_for_kwargs``'s (NLE: the MAF's)."""
+        if estimator is not None:
+            return estimator
+        return cls.family_for_kwargs if estimator_kwargs and cls.family_for_kwargs else cls.default_estimator
+
     def __init__(
         self,
         prior: Prior | None = None,
@@ -204,9 +212,7 @@ class _Method(abc.ABC):
         embedding_kwargs: dict[str, Any] | None = None,
         device: str = "cpu",
     ):
-        if estimator is None:
-            # Hyperparameters with no family named are the unraced default's (NLE: the MAF's).
-            estimator = self.family_for_kwargs if estimator_kwargs and self.family_for_kwargs else self.default_estimator
+        estimator = self.estimator_for(estimator, estimator_kwargs)
         if estimator not in ESTIMATORS and estimator != AUTO:
             raise ValueError(f"unknown estimator {estimator!r}; known: {', '.join(sorted(ESTIMATORS))}, or {AUTO!r}")
         if estimator == AUTO and estimator_kwargs:

@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import itertools
 import json
 import os
 import shutil
@@ -262,19 +263,23 @@ def _encode_shard(chunk: dict[str, Any], chunk_size: int, compression: str | Non
     return [_SHARD_MAGIC, len(header).to_bytes(8, "little"), header, *parts]
 
 
-def _shard_from_parts(parts: list[Any]) -> dict[str, Any]:
-    """What :func:`_load_shard` reads back from a chunk file, from the parts written to it (no copy)."""
-    header = json.loads(parts[2])
-    pieces = iter(parts[4:])
+def _shard(header: dict[str, Any], valid: np.ndarray, pieces: Iterator[Any]) -> dict[str, Any]:
+    """A chunk as the assembler takes it: its header's counts, its ``valid`` flags and, per
+    dataset, its encoded HDF5 chunks (``pieces`` yields them in the header's order)."""
     for meta in header["datasets"].values():
         meta["pieces"] = [next(pieces) for _ in meta["sizes"]]
     return {
-        "valid": np.asarray(parts[3]).view(bool),
+        "valid": valid.view(bool),
         "n_rows": int(header["n_rows"]),
         "n_failed": int(header["n_failed"]),
         "first_error": str(header["first_error"]),
         "datasets": header["datasets"],
     }
+
+
+def _shard_from_parts(parts: list[Any]) -> dict[str, Any]:
+    """What :func:`_load_shard` reads back from a chunk file, from the parts written to it (no copy)."""
+    return _shard(json.loads(parts[2]), np.asarray(parts[3]), iter(parts[4:]))
 
 
 def _write_shard(path: Path, parts: list[Any]) -> None:
@@ -309,19 +314,8 @@ def _load_shard(source: Path | bytes) -> dict[str, Any]:
     if len(body) != int(header["body_bytes"]):
         raise StoreError(f"a chunk file of the unfinished run is truncated: {source if isinstance(source, Path) else 'from a worker'}")
     n_rows = int(header["n_rows"])
-    valid, offset = body[:n_rows].view(bool), n_rows
-    for meta in header["datasets"].values():
-        meta["pieces"] = []
-        for size in meta["sizes"]:
-            meta["pieces"].append(body[offset : offset + size])
-            offset += size
-    return {
-        "valid": valid,
-        "n_rows": n_rows,
-        "n_failed": int(header["n_failed"]),
-        "first_error": str(header["first_error"]),
-        "datasets": header["datasets"],
-    }
+    ends = np.cumsum([n_rows] + [size for meta in header["datasets"].values() for size in meta["sizes"]])
+    return _shard(header, body[:n_rows], (body[start:end] for start, end in itertools.pairwise(ends)))
 
 
 def _shard_ok(path: Path) -> bool:
@@ -413,15 +407,13 @@ class _Assembler:
                     f"the first chunk as {dataset.dtype} rows of shape {dataset.shape[1:]}"
                 )
         start = index * self.run["chunk_size"]
-        written = 0
         for name, meta in shard["datasets"].items():
             chunk_writer = self.datasets[name].id
             rows = int(meta["rows"])
             zeros = (0,) * len(meta["shape"])
             for j, (piece, mask) in enumerate(zip(meta["pieces"], meta["masks"], strict=True)):
                 chunk_writer.write_direct_chunk((start + j * rows, *zeros), piece, filter_mask=mask)
-                written += len(memoryview(piece).cast("B"))
-        self._unsynced += written
+        self._unsynced += sum(sum(meta["sizes"]) for meta in shard["datasets"].values())
         if self._unsynced >= _SYNC_BEHIND_BYTES and (self._sync is None or self._sync.done()):
             self._sync = self._syncer.submit(getattr(os, "fdatasync", os.fsync), self._sync_fd)
             self._unsynced = 0
