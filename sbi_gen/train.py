@@ -85,9 +85,9 @@ class TrainConfig:
     rate 5e-4, smaller batches) moved C2ST by less than its seed-to-seed spread (about ±0.04).
     Each estimator family adds what a multi-seed study found it needs
     (``ConditionalEstimator.training_defaults``: a weight average, ``ema_decay=0.999``, for the
-    NSF flow, with half the patience and batches of 512 at 2e-3, and for the diffusion model,
-    with twice the patience; see their docstrings), used by ``NPE/NLE.fit`` without a config
-    and by ``model.train_config(...)``.
+    flows, with half the patience and batches of 512 at 2e-3, and for the NSF a ``min_delta``
+    of 0.005 nats; for the diffusion model, with twice the patience; see their docstrings),
+    used by ``NPE/NLE.fit`` without a config and by ``model.train_config(...)``.
 
     Attributes:
         batch_size: Rows per gradient step.
@@ -125,11 +125,12 @@ class TrainConfig:
             ``max_epochs`` epochs (early stopping after ``patience`` epochs still applies).
         min_delta: The fall of the validation loss (in its units, nats for likelihoods) that
             counts as progress: ``patience`` and ``lr_patience`` count epochs since the last
-            such fall. Any lower loss still replaces the best weights. It trades accuracy for
-            time: NPE on two_moons (10,000 simulations, NSF defaults, 4 observations × 4
-            training seeds, ``benchmarks/study_nsf_defaults.py``) gave C2ST 0.558 in 70 s with
-            0, 0.563 in 46 s with 0.002 and 0.566 in 36 s with 0.005 nats: the slow late
-            fall of the validation loss is still worth having there.
+            such fall. Any lower loss still replaces the best weights. What it costs depends on
+            the model: with 8-bin NSFs on two_moons (10,000 simulations, 4 observations × 4
+            training seeds, ``benchmarks/study_nsf_defaults.py``) C2ST went from 0.558 in 70 s
+            with 0 to 0.563 in 46 s with 0.002 and 0.566 in 36 s with 0.005 nats; 16-bin NSFs
+            learn the posterior in fewer epochs, and 0.005 (their default) halved the time
+            at the same C2ST (see :class:`~sbi_gen.estimators.NSF`).
     """
 
     batch_size: int = 256

@@ -426,7 +426,7 @@ def test_flow_inverse_pass_by_pass_equals_zukos(name, passes):
     torch.manual_seed(0)
     est = build_estimator(name, 5, (2,), transforms=3, hidden_features=[16, 16], passes=passes)
     flow_class = zuko.flows.NSF if name == "nsf" else zuko.flows.MAF
-    extra = {"bins": 8} if name == "nsf" else {}
+    extra = {"bins": est.bins} if name == "nsf" else {}
     reference = flow_class(5, est.context_features, transforms=3, hidden_features=[16, 16], passes=passes, **extra)
     reference.load_state_dict(est.flow.state_dict())
     c = torch.randn(7, est.context_features)

@@ -27,7 +27,7 @@ from torch import Tensor
 from torch.distributions import Distribution, MultivariateNormal
 
 from sbi_gen.estimators.base import _STATS_CHUNK, ConditionalEstimator, _finite_rows
-from sbi_gen.estimators.flows import NSF
+from sbi_gen.estimators.flows import FLOW_TRAINING_DEFAULTS
 
 __all__ = ["Gaussian"]
 
@@ -69,8 +69,9 @@ class Gaussian(ConditionalEstimator):
     """
 
     name = "gaussian"
-    # The NSF's: what NPE's race trains every family with (see NSF.training_defaults).
-    training_defaults: ClassVar[dict[str, Any]] = dict(NSF.training_defaults)
+    # The flows' (NLE's race trains the MAF and this with them; NPE's race, and the family it
+    # keeps, trains with the NSF's, see NPE.train_config).
+    training_defaults: ClassVar[dict[str, Any]] = dict(FLOW_TRAINING_DEFAULTS)
 
     def __init__(
         self,
