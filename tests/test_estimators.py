@@ -396,7 +396,10 @@ def test_nsf_spline_matches_zukos_and_takes_its_weights():
         grads = torch.autograd.grad((a * ladj).sum() + (b * y).sum(), [x_edge, *params])
         grads_ref = torch.autograd.grad((a * ladj_ref).sum() + (b * y_ref).sum(), [x_edge, *params])
         for g, g_ref in zip(grads, grads_ref):
-            torch.testing.assert_close(g, g_ref, atol=1e-4, rtol=1e-4)
+            # On the bound, the last knot's pull on the bin widths is exactly zero (the softmax
+            # sums to one); float32 leaves it a few roundings of the largest width gradient
+            # (thousands here) in either computation. A wrong side would be off by O(1) relatively.
+            torch.testing.assert_close(g, g_ref, atol=max(1e-4, 1e-6 * float(g_ref.abs().max())), rtol=1e-4)
     # The hand-written backward against finite differences, in double precision.
     params64 = [p[:8, :2].double().div(4).requires_grad_() for p in (widths, heights, derivatives)]
     x64 = 3 * torch.randn(8, 2, generator=generator, dtype=torch.float64)
