@@ -394,7 +394,7 @@ class NSF(ConditionalEstimator):
     run's path (the defaults then: 0.553 0.544 0.502 0.524, 113–127 epochs). Where the stop
     falls varies from run to run: the default fit of two_moons (``compare_sbi.py``, seed 0,
     alone on the machine) took 39.2 s (141 epochs) against 59.3 s (230) with 8 bins to the last
-    fall, and 32–33 s on seeds 1–3 (115–116 epochs, two runs side by side).
+    fall, and 32.6–33.6 s on seeds 1–3 (115–116 epochs).
     (96, 96) conditioners were as good by C2ST and 15 % faster, but their validation loss was
     higher on 3 of 4 seeds. On slcp (same protocol) the defaults scored 0.833 (0.838 0.798 0.896
     0.800) against 0.841 for 8 bins to the last fall, in 43–52 epochs against 47–62 (17–20 s),
