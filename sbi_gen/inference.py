@@ -95,8 +95,8 @@ def _as_training_data(data: Any) -> tuple[Tensor, Tensor, dict[str, Any]]:
 # 0.523 ± 0.007; two_moons and slcp unchanged (the same NSF is trained). The race on fewer
 # simulations (``_race_epochs``: at least 50 steps per family) still kept the NSF on two_moons
 # (300 and 1,000 simulations), slcp (1,000) and the particle simulator (2,000). The race costs 3
-# epochs of each family, one thread: 1.2 s of a 57 s two_moons fit, 1.6 s of 22 s on slcp, 1.9–2.2 s
-# of 2.3–2.5 s on gaussian_linear (the Gaussian's own training is a fraction of a second).
+# epochs of each family, one thread: 1.3 s of a 32–39 s two_moons fit, 1.7 s of 20–22 s on slcp
+# (16-bin NSF defaults), 1.9–2.2 s of 2.3–2.7 s on gaussian_linear (the Gaussian's own training is a fraction of a second).
 AUTO = "auto"
 AUTO_FAMILIES = ("nsf", "maf", "gaussian")
 
@@ -106,7 +106,6 @@ def families_text(families: Sequence[str]) -> str:
     return f"{', '.join(families[:-1])} and {families[-1]}" if len(families) > 1 else families[0]
 
 
-AUTO_FAMILIES_TEXT = families_text(AUTO_FAMILIES)
 # NLE's race: the affine flow against the linear Gaussian, no spline flow. Raced with the NSF
 # (10,000 simulations, seed 0), NLE kept the NSF on slcp after 3 epochs (validation loss 6.43
 # against the MAF's 6.49) and its posterior came out worse (C2ST 0.790 against the MAF's 0.734).

@@ -132,8 +132,8 @@ class Ensemble(ConditionalEstimator):
     """
 
     name = "ensemble"
-    # The default family's (NPE.train_config and the CLI read them from the class; the flow
-    # families share them, see NSF.training_defaults).
+    # The default family's, the NSF's, whatever the family (NPE.train_config and the CLI read
+    # them from the class, before any family is chosen).
     training_defaults: ClassVar[dict[str, Any]] = dict(NSF.training_defaults)
 
     def __init__(

@@ -465,8 +465,9 @@ class MAF(ConditionalEstimator):
     Gaussian pushed through affine maps); sampling needs ``passes`` network evaluations
     per transform.
 
-    Training defaults: the NSF's (``ema_decay=0.999``, ``patience=10``, ``lr_patience=4``,
-    ``batch_size=512``, ``learning_rate=2e-3``). NPE on gaussian_linear, 10,000 simulations,
+    Training defaults: ``FLOW_TRAINING_DEFAULTS``, the NSF's without its stopping threshold
+    (``ema_decay=0.999``, ``patience=10``, ``lr_patience=4``, ``batch_size=512``,
+    ``learning_rate=2e-3``). NPE on gaussian_linear, 10,000 simulations,
     ``benchmarks/study_nsf_defaults.py`` (4 observations × 4 training seeds): C2ST 0.522 ± 0.003
     in 2.9 s (variant ``maf_b512_lr2e3``) against 0.530 ± 0.003 in 7.2 s with plain
     :class:`~sbi_gen.train.TrainConfig` (``maf_unbounded``), lower on every seed; the weight
