@@ -369,6 +369,13 @@ def test_auto_keeps_the_family_with_the_lower_validation_loss(tmp_path):
     assert history.val_loss == alone_history.val_loss and len(history.val_loss) > 13
     for a, b in zip(npe.estimator.state_dict().values(), alone.estimator.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # The winner goes on from its race's state rather than training those epochs again; with a
+    # state file of the user's, that state is copied there first: the same model either way.
+    resumable = NPE(prior)
+    resumable.fit((data["theta"], data["x"]), config=config, state_path=tmp_path / "state" / "training.pt")
+    assert resumable.history.val_loss == history.val_loss and (tmp_path / "state" / "training.pt").exists()
+    for a, b in zip(resumable.estimator.state_dict().values(), alone.estimator.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
     samples = npe.posterior(np.array([1.0])).sample((4000,)).numpy()[:, 0]
     assert 0.35 < (samples > 0).mean() < 0.65 and np.abs(np.abs(samples) - 1).mean() < 0.15
     save(npe, tmp_path / "model")
@@ -389,7 +396,9 @@ def test_auto_keeps_the_family_with_the_lower_validation_loss(tmp_path):
         # Before the Gaussian's first epoch ends (its closed-form start embeds once): the NSF's
         # and the MAF's races stand, and the NSF as raced is kept.
         (2, 4, {"nsf", "maf"}, 13),
-        (3, 12, {"nsf", "maf", "gaussian"}, 2),  # in the winner's full training, epoch 3
+        # In the winner's full training, its third epoch after the race: it resumes from the
+        # NSF's 13 race epochs, which its history keeps.
+        (3, 12, {"nsf", "maf", "gaussian"}, 15),
     ],
 )
 def test_ctrl_c_during_auto_keeps_the_best_model_so_far(family, at, kept_from_race, epochs):
