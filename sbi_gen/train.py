@@ -465,7 +465,8 @@ def fit(
             schedule, history, random states) is written after every epoch, atomically. If it
             exists, training resumes after its last epoch and ends exactly as an uninterrupted
             run would (a :class:`TrainingStateError` if it belongs to another estimator,
-            configuration or data set; ``max_epochs`` may differ, to train longer). Not under
+            configuration or data set; ``max_epochs`` may differ, to train longer, except
+            under ``lr_schedule="cosine"``, whose learning rates depend on it). Not under
             ``torchrun``. The file stays when training ends, so a finished run is not redone;
             delete it to train again.
 
@@ -533,14 +534,15 @@ def seeded_torch(seed: int, stream: str, device: torch.device | str = "cpu") -> 
 
 
 # TrainConfig fields a resumed run may change: they do not change what the epochs done computed
-# (``max_epochs`` may grow, to train longer).
+# (``max_epochs`` may grow, to train longer; not with the cosine schedule, which spans it).
 _UNFINGERPRINTED = ("progress", "device", "streaming", "streaming_threshold", "max_epochs")
 
 
 def _fingerprint(estimator: nn.Module, config: TrainConfig, batches: _Batches) -> str:
+    free = [k for k in _UNFINGERPRINTED if not (k == "max_epochs" and config.lr_schedule == "cosine")]
     described = {
         "estimator": estimator.config() if hasattr(estimator, "config") else type(estimator).__name__,
-        "config": {k: v for k, v in asdict(config).items() if k not in _UNFINGERPRINTED},
+        "config": {k: v for k, v in asdict(config).items() if k not in free},
         "data": [batches.fingerprint, batches.n_train, batches.n_val, batches.streaming],
     }
     return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()

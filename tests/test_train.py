@@ -317,6 +317,11 @@ def test_training_resumes_from_its_state_file_exactly_as_if_never_stopped(tmp_pa
 
     with pytest.raises(ValueError, match="run.pt is the state of another training"):
         fit(estimator(), data, config=replace(config, learning_rate=3e-3), state_path=tmp_path / "run.pt")
+    # The cosine schedule spans max_epochs: its epochs done would not be those of a longer run.
+    cosine = replace(config, lr_schedule="cosine", max_epochs=2)
+    fit(estimator(), data, config=cosine, state_path=tmp_path / "cosine.pt")
+    with pytest.raises(ValueError, match="cosine.pt is the state of another training"):
+        fit(estimator(), data, config=replace(cosine, max_epochs=3), state_path=tmp_path / "cosine.pt")
     (tmp_path / "run.pt").write_bytes(b"not a state")
     with pytest.raises(ValueError, match="run.pt is not a readable training state"):
         fit(estimator(), data, config=config, state_path=tmp_path / "run.pt")

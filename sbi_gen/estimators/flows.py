@@ -109,10 +109,11 @@ class _SplineCallAndLadj(torch.autograd.Function):
         bins = widths.shape[-1]
         knots_xy, knots_d, (soft, div, d_div) = _spline_knots(widths, heights, derivatives, bound, log_slope)
 
-        k = torch.sum(knots_xy[..., 0, :] < x[..., None], dim=-1) - 1
-        inside = (k >= 0) & (k < bins)
-        k = k % bins  # outside, any real bin keeps the (discarded) arithmetic finite
-        index = torch.stack((k, k + 1), dim=-1)
+        # Knots strictly left of x, 0 to K + 1: x lies in bin count - 1 when 1 <= count <= K.
+        count = torch.sum(knots_xy[..., 0, :] < x[..., None], dim=-1)
+        right_knot = count.clamp(1, bins)  # outside, any real bin keeps the (discarded) arithmetic finite
+        inside = count == right_knot
+        index = torch.stack((right_knot - 1, right_knot), dim=-1)
         # [..., 2 (x, y), 2 (left, right)]: both knots of the bin, in x and in y, in one gather.
         corners = knots_xy.gather(-1, index.unsqueeze(-2).expand(*index.shape[:-1], 2, 2))
         left, right = corners.unbind(-1)
@@ -121,53 +122,72 @@ class _SplineCallAndLadj(torch.autograd.Function):
         d0, d1 = knots_d.gather(-1, index).unbind(-1)
         s = h / w
         z = inside * (x - x0) / w
-        t = z * (1 - z)
-        curvature = d0 + d1 - 2 * s
-        num = s * z**2 + d0 * t
+        # Each product and power once, and no Python numbers (every one is a tensor made per call).
+        omz = 1 - z
+        z2, omz2 = z * z, omz * omz
+        t = z * omz
+        st, s2 = s * t, s + s
+        curvature = (d0 + d1) - s2
+        num = s * z2 + d0 * t
         den = s + curvature * t
-        p = 2 * s * t + d0 * (1 - z) ** 2 + d1 * z**2
+        p = (st + st) + d0 * omz2 + d1 * z2
         y = torch.where(inside, y0 + h * num / den, x)
-        ladj = inside * (2 * torch.log(s) + torch.log(p) - 2 * torch.log(den))
-        ctx.save_for_backward(inside, index, w, h, s, z, t, d0, d1, num, den, p, curvature, soft, div, knots_d, d_div)
+        log_s, log_den = torch.log(s), torch.log(den)
+        ladj = inside * ((log_s + log_s) + torch.log(p) - (log_den + log_den))
+        ctx.save_for_backward(
+            inside, index, w, h, s, s2, z, z2, omz, omz2, t, d0, d1, num, den, p, curvature, soft, div, knots_d, d_div
+        )
         ctx.bound = bound
         return y, ladj
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y, grad_ladj):  # type: ignore[override]
-        (inside, index, w, h, s, z, t, d0, d1, num, den, p, curvature, soft, div, knots_d, d_div) = ctx.saved_tensors
+        (inside, index, w, h, s, s2, z, z2, omz, omz2, t, d0, d1, num, den, p, curvature, soft, div, knots_d,
+         d_div) = ctx.saved_tensors
         bound = ctx.bound
-        grad_y_in = grad_y * inside
-        grad_ladj = grad_ladj * inside
-        r = num / den
-        hd2 = grad_y_in * h / den**2
-        dt_dz = 1 - 2 * z
-        # Through y (a quotient) and log y' (a sum of logs), by s, z, d0, d1 and h.
-        g_s = hd2 * (z**2 * den - num * (1 - 2 * t)) + grad_ladj * (2 / s + 2 * t / p - 2 * (1 - 2 * t) / den)
-        g_z = hd2 * ((2 * s * z + d0 * dt_dz) * den - num * curvature * dt_dz) + grad_ladj * (
-            2 * (s * dt_dz - d0 * (1 - z) + d1 * z) / p - 2 * curvature * dt_dz / den
+        gy = grad_y * inside
+        gl = grad_ladj * inside
+        inv_den = torch.reciprocal(den)
+        hd2 = gy * h * inv_den * inv_den  # through y = y0 + h num / den
+        gl_p = gl / p  # through log y' = 2 log s + log p - 2 log den
+        gl2 = gl + gl
+        gl2_den = gl2 * inv_den
+        t2 = t + t
+        one_m_2t = omz2 + z2  # 1 - 2t, the derivative of den by s
+        dt_dz = omz - z
+        curvature_dt = curvature * dt_dz
+        hd2_t = hd2 * t
+        t_gl2_den = t * gl2_den
+        # By s, z, d0, d1 and h.
+        g_s = hd2 * (z2 * den - num * one_m_2t) + gl2 / s + t2 * gl_p - one_m_2t * gl2_den
+        g_z = (
+            hd2 * ((s2 * z + d0 * dt_dz) * den - num * curvature_dt)
+            + (gl_p + gl_p) * (s * dt_dz - d0 * omz + d1 * z)
+            - curvature_dt * gl2_den
         )
-        g_d0 = hd2 * t * (den - num) + grad_ladj * ((1 - z) ** 2 / p - 2 * t / den)
-        g_d1 = -hd2 * num * t + grad_ladj * (z**2 / p - 2 * t / den)
-        g_h = grad_y_in * r + g_s / w
-        g_w = -(g_s * s + g_z * z) / w
-        grad_x = torch.where(inside, g_z / w, grad_y)
-        g_x0 = -g_z / w - g_w
-        g_y0 = grad_y_in - g_h
+        g_d0 = hd2_t * (den - num) + gl_p * omz2 - t_gl2_den
+        g_d1 = gl_p * z2 - hd2_t * num - t_gl2_den
+        g_h = gy * num * inv_den + g_s / w
+        g_z_w = g_z / w
+        minus_g_w = (g_s * s + g_z * z) / w
+        grad_x = torch.where(inside, g_z_w, grad_y)
+        g_x0 = minus_g_w - g_z_w
+        g_y0 = gy - g_h
 
         bins = soft.shape[-1]
         # To the knots (x and y stacked, as the forward gathered them): left knot k, right k + 1.
-        g_corners = torch.stack((g_x0, g_w, g_y0, g_h), dim=-1).unflatten(-1, (2, 2))
+        g_corners = torch.stack((g_x0, -minus_g_w, g_y0, g_h), dim=-1).unflatten(-1, (2, 2))
         g_knots = torch.zeros(*index.shape[:-1], 2, bins + 1, dtype=g_corners.dtype, device=g_corners.device)
         g_knots.scatter_add_(-1, index.unsqueeze(-2).expand(*index.shape[:-1], 2, 2), g_corners)
         # knot j = B (2 Σ_{i<j} softmax_i − 1): softmax_i reaches every knot after it.
-        g_soft = 2 * bound * g_knots[..., 1:].flip(-1).cumsum(-1).flip(-1)
+        g_soft = (2 * bound) * g_knots[..., 1:].flip(-1).cumsum(-1).flip(-1)
         g_squashed = soft * (g_soft - (g_soft * soft).sum(-1, keepdim=True))
-        g_widths, g_heights = (g_squashed / div**2).unbind(-2)
+        g_widths, g_heights = (g_squashed / (div * div)).unbind(-2)
         g_knots_d = torch.zeros(*index.shape[:-1], bins + 1, dtype=g_d0.dtype, device=g_d0.device)
         g_knots_d.scatter_add_(-1, index, torch.stack((g_d0, g_d1), dim=-1))
         g_d = g_knots_d[..., 1:-1] * knots_d[..., 1:-1]
-        return grad_x, g_widths, g_heights, g_d / d_div**2, None, None
+        return grad_x, g_widths, g_heights, g_d / (d_div * d_div), None, None
 
 
 class _RQSTransform(MonotonicRQSTransform):
