@@ -22,8 +22,6 @@ import abc
 import dataclasses
 import math
 import os
-import shutil
-import tempfile
 import time
 import warnings
 from collections.abc import Sequence
@@ -41,7 +39,7 @@ from sbi_gen.mcmc import SAMPLERS, MCMCResult, run_mcmc
 from sbi_gen.nn import default_embedding
 from sbi_gen.priors import PointMass, Prior, prior_from_dict
 from sbi_gen.store import TrainingSet, load, read_info
-from sbi_gen.train import History, TrainConfig, checked_config, fit, resolve_device, seeded_torch
+from sbi_gen.train import History, InMemoryState, TrainConfig, checked_config, fit, resolve_device, seeded_torch
 
 __all__ = ["NLE", "NPE", "NLEPosterior", "NPEPosterior"]
 
@@ -345,53 +343,53 @@ class _Method(abc.ABC):
         # Every family, and the winner's full training, starts from the initial weights a fit of
         # that family alone would start from (config.seed's): the kept model is the one
         # ``NPE(prior, winner)`` would have trained.
-        with tempfile.TemporaryDirectory(prefix="sbi_gen_race_") as race_dir:
-            fitted, diverged = {}, {}
-            interrupted = False
-            # Each family's race keeps its training state in a file, and the winner's full training
-            # resumes from it instead of running the race's epochs again: a resumed training ends
-            # exactly as an uninterrupted one (``fit``), so the kept model is the same. Not with a
-            # cosine schedule (the race's shorter max_epochs shapes its learning rates) nor under
-            # torchrun (no training states there).
-            resumable = config.lr_schedule != "cosine" and process_info().world_size == 1
-            race_states = {name: Path(race_dir) / f"{name}.pt" for name in self.auto_families} if resumable else {}
-            race_started = time.perf_counter()
-            for name in self.auto_families:
-                estimator = self._seeded_build(x_shape, config, name)
-                try:
-                    history = fit(estimator, training_data, config=race_config, y_key=y_key, c_key=c_key,
-                                  state_path=race_states.get(name))
-                except FloatingPointError as error:  # a diverging family loses the race; the others may not diverge
-                    diverged[name] = error
-                    warnings.warn(f"estimator race: {name} diverged and is not kept ({error})", stacklevel=3)
-                    continue
-                except KeyboardInterrupt:  # before this family's first epoch: the ones raced stand
-                    if not fitted:
-                        raise
-                    interrupted = True
-                    warnings.warn(f"training interrupted before {name}'s first epoch: the race ends with "
-                                  f"{', '.join(fitted)} as raced", stacklevel=3)
-                    break
-                fitted[name] = (history, estimator)
-                if history.interrupted:
-                    interrupted = True
-                    break
-            if not fitted:
-                raise next(iter(diverged.values()))
-            # A family whose validation loss is not finite is never kept over one that is.
-            best = min(fitted, key=lambda name: _finite_or_inf(fitted[name][0].best_val_loss))
-            race = {name: history.best_val_loss for name, (history, _) in fitted.items()}
-            race_seconds = time.perf_counter() - race_started
-            # A race as long as the whole training already trained the winner, except for the state
-            # file a resumable run keeps: then the winner's training resumes from its race's state,
-            # which writes it.
-            if interrupted or (whole and state_path is None):
-                self.history, self.estimator = fitted[best]
-                self.estimator_name, self.x_shape = best, x_shape
-                self.history.interrupted = self.history.interrupted or interrupted
-            else:
-                del fitted  # the race's models are dropped before the winner's full training
-                self._train_family(best, training_data, x_shape, config, state_path, race_states.get(best))
+        fitted, diverged = {}, {}
+        interrupted = False
+        # Each family's race keeps its training state (in memory), and the winner's full training
+        # goes on from it instead of running the race's epochs again: a resumed training ends
+        # exactly as an uninterrupted one (``fit``), so the kept model is the same. Not with a
+        # cosine schedule (the race's shorter max_epochs shapes its learning rates) nor under
+        # torchrun (no training states there).
+        resumable = config.lr_schedule != "cosine" and process_info().world_size == 1
+        race_states = {name: InMemoryState() for name in self.auto_families} if resumable else {}
+        race_started = time.perf_counter()
+        for name in self.auto_families:
+            estimator = self._seeded_build(x_shape, config, name)
+            try:
+                history = fit(estimator, training_data, config=race_config, y_key=y_key, c_key=c_key,
+                              state_path=race_states.get(name))
+            except FloatingPointError as error:  # a diverging family loses the race; the others may not diverge
+                diverged[name] = error
+                warnings.warn(f"estimator race: {name} diverged and is not kept ({error})", stacklevel=3)
+                continue
+            except KeyboardInterrupt:  # before this family's first epoch: the ones raced stand
+                if not fitted:
+                    raise
+                interrupted = True
+                warnings.warn(f"training interrupted before {name}'s first epoch: the race ends with "
+                              f"{', '.join(fitted)} as raced", stacklevel=3)
+                break
+            fitted[name] = (history, estimator)
+            if history.interrupted:
+                interrupted = True
+                break
+        if not fitted:
+            raise next(iter(diverged.values()))
+        # A family whose validation loss is not finite is never kept over one that is.
+        best = min(fitted, key=lambda name: _finite_or_inf(fitted[name][0].best_val_loss))
+        race = {name: history.best_val_loss for name, (history, _) in fitted.items()}
+        race_seconds = time.perf_counter() - race_started
+        # A race as long as the whole training already trained the winner, except for the state
+        # file a resumable run keeps: then the winner's training resumes from its race's state,
+        # which writes it.
+        if interrupted or (whole and state_path is None):
+            self.history, self.estimator = fitted[best]
+            self.estimator_name, self.x_shape = best, x_shape
+            self.history.interrupted = self.history.interrupted or interrupted
+        else:
+            winner_state = race_states.get(best)
+            del fitted, race_states  # the race's models are dropped before the winner's full training
+            self._train_family(best, training_data, x_shape, config, state_path, winner_state)
         # Validation losses by family, in auto_families order; None for a family that diverged
         # (strict JSON in the checkpoint's config, which has no infinity); families a Ctrl-C
         # kept from the race are left out.
@@ -409,20 +407,20 @@ class _Method(abc.ABC):
 
     def _train_family(
         self, name: str, training_data: Any, x_shape: tuple[int, ...], config: TrainConfig, state_path: Any = None,
-        race_state: Path | None = None,
+        race_state: InMemoryState | None = None,
     ) -> None:
         """A fresh estimator of family ``name`` trained in full: what ``"auto"`` keeps. With
         ``race_state`` (the family's training state after the race), training goes on from
-        there: into ``state_path`` when given (unless that already holds a state, which is
-        resumed as it is), else into the race's file."""
+        there: written to ``state_path`` first when that is given and holds no state yet (one
+        that does is resumed as it is)."""
         assert self.prior is not None
         y_key, c_key = self._file_roles
-        if race_state is not None and race_state.exists():
+        if race_state is not None:
             if state_path is None:
+                race_state.recording = False  # nothing later reads the epochs after the race
                 state_path = race_state
             elif not Path(state_path).exists():
-                Path(state_path).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(race_state, state_path)
+                race_state.write(state_path)
         self.estimator_name, self.x_shape = name, x_shape
         self.estimator = self._seeded_build(x_shape, config, name)
         self.history = fit(

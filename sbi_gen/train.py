@@ -58,6 +58,7 @@ from sbi_gen.streaming import ChunkStream, chunk_layout, read_blocks, valid_coun
 
 __all__ = [
     "History",
+    "InMemoryState",
     "TrainConfig",
     "checked_config",
     "default_streaming_threshold",
@@ -447,7 +448,7 @@ def fit(
     y_key: str = "theta",
     c_key: str = "x",
     standardize: bool = True,
-    state_path: str | os.PathLike[str] | None = None,
+    state_path: str | os.PathLike[str] | InMemoryState | None = None,
 ) -> History:
     """Train ``estimator`` on ``data`` and return the :class:`History`.
 
@@ -468,7 +469,8 @@ def fit(
             configuration or data set; ``max_epochs`` may differ, to train longer, except
             under ``lr_schedule="cosine"``, whose learning rates depend on it). Not under
             ``torchrun``. The file stays when training ends, so a finished run is not redone;
-            delete it to train again.
+            delete it to train again. An :class:`InMemoryState` instead keeps the same state in
+            memory, to go on with a training in a later call.
 
     Rows with non-finite values (and rows of a file flagged invalid) are dropped; the best
     weights (lowest validation loss) are loaded back into ``estimator`` at the end.
@@ -500,7 +502,12 @@ def fit(
         if state_path is not None:
             if process_info().world_size > 1:
                 raise ValueError("state_path (resumable training) is not available under torchrun")
-            state = _TrainingState(Path(state_path), _fingerprint(estimator, config, batches))
+            fingerprint = _fingerprint(estimator, config, batches)
+            if isinstance(state_path, InMemoryState):
+                state = state_path
+                state.fingerprint = fingerprint
+            else:
+                state = _TrainingState(Path(state_path), fingerprint)
         return _train(estimator, batches, config, device, state)
 
 
@@ -579,18 +586,65 @@ class _TrainingState:
         return saved
 
     def save(self, state: dict[str, Any]) -> None:
-        tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
-        # Made here, not before training: a run that fails before its first epoch leaves nothing.
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            torch.save({"fingerprint": self.fingerprint, **state}, tmp)
-            os.replace(tmp, self.path)  # atomic: the file is always one whole epoch's state
-        finally:
-            tmp.unlink(missing_ok=True)
+        # The folder is made here, not before training: a run that fails before its first epoch
+        # leaves nothing.
+        _save_atomically({"fingerprint": self.fingerprint, **state}, self.path)
+
+
+def _save_atomically(state: dict[str, Any], path: Path) -> None:
+    """``torch.save`` through a temporary file and a rename: the file is always one whole state."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class InMemoryState:
+    """What :func:`fit` writes to a ``state_path`` file after every epoch, kept in memory: a
+    training given one goes on from where the last training given it stopped, exactly as one
+    uninterrupted run (the same estimator, configuration and data, ``max_epochs`` aside).
+
+    ``recording``: whether epochs are recorded (a copy of every tensor each epoch); a training
+    resumed with ``recording=False`` starts from the state and leaves it as it is.
+    :meth:`write` saves it as a ``state_path`` file.
+
+    Example:
+        >>> from sbi_gen.estimators import build_estimator
+        >>> y, c = torch.randn(200, 1), torch.randn(200, 1)
+        >>> state = InMemoryState()
+        >>> est = build_estimator("maf", 1, (1,), transforms=1, hidden_features=[8])
+        >>> _ = fit(est, (y, c), config=TrainConfig(max_epochs=2, progress=False), state_path=state)
+        >>> len(fit(est, (y, c), config=TrainConfig(max_epochs=3, progress=False), state_path=state).val_loss)  # 2 + 1
+        3
+    """
+
+    def __init__(self, recording: bool = True):
+        self.recording = recording
+        self.fingerprint = ""
+        self._saved: dict[str, Any] | None = None
+
+    def load(self) -> dict[str, Any] | None:
+        if self._saved is not None and self._saved["fingerprint"] != self.fingerprint:
+            raise TrainingStateError("the state in memory is that of another training (estimator, settings or data differ)")
+        return self._saved
+
+    def save(self, state: dict[str, Any]) -> None:
+        if self.recording:
+            self._saved = copy.deepcopy({"fingerprint": self.fingerprint, **state})
+
+    def write(self, path: str | os.PathLike[str]) -> None:
+        """Saves the state as the file a ``state_path`` training resumes from."""
+        if self._saved is None:
+            raise ValueError("no training state recorded yet")
+        _save_atomically(self._saved, Path(path))
 
 
 def _train(
-    estimator: nn.Module, batches: _Batches, config: TrainConfig, device: torch.device, state: _TrainingState | None = None
+    estimator: nn.Module, batches: _Batches, config: TrainConfig, device: torch.device,
+    state: _TrainingState | InMemoryState | None = None,
 ) -> History:
     info = process_info()
     step = wrap_for_training(estimator, device)

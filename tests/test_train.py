@@ -9,7 +9,7 @@ from sbi_gen.estimators import build_estimator
 from sbi_gen.priors import BoxUniform
 from sbi_gen.simulate import as_simulator
 from sbi_gen.store import simulate_to_hdf5
-from sbi_gen.train import TrainConfig, _mean_loss, fit
+from sbi_gen.train import InMemoryState, TrainConfig, TrainingStateError, _mean_loss, fit
 
 SMALL = {"transforms": 1, "hidden_features": [16, 16]}
 
@@ -325,3 +325,35 @@ def test_training_resumes_from_its_state_file_exactly_as_if_never_stopped(tmp_pa
     (tmp_path / "run.pt").write_bytes(b"not a state")
     with pytest.raises(ValueError, match="run.pt is not a readable training state"):
         fit(estimator(), data, config=config, state_path=tmp_path / "run.pt")
+
+
+def test_a_training_state_in_memory_goes_on_as_one_run(tmp_path):
+    """3 epochs, then 3 more from the state in memory, are the 6 epochs of one run, bit for bit;
+    a resume that does not record leaves the state as it was; the state written to a file is one
+    ``state_path`` resumes from; another configuration's state is refused."""
+    y, c = _data(600)
+    config = TrainConfig(max_epochs=6, patience=50, progress=False, batch_size=64, ema_decay=0.9)
+
+    def estimator():
+        torch.manual_seed(0)
+        return build_estimator("nsf", 1, (1,), embedding="mlp", **SMALL)
+
+    whole = estimator()
+    whole_history = fit(whole, (y, c), config=config)
+    state = InMemoryState()
+    assert len(fit(estimator(), (y, c), config=replace(config, max_epochs=3), state_path=state).val_loss) == 3
+    state.write(tmp_path / "after3.pt")
+    state.recording = False
+    resumed = estimator()
+    assert fit(resumed, (y, c), config=config, state_path=state).val_loss == whole_history.val_loss
+    for a, b in zip(resumed.state_dict().values(), whole.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # Not recorded: the state still holds 3 epochs, and a second resume trains the same 3 more.
+    assert len(state.load()["history"]["val_loss"]) == 3
+    assert fit(estimator(), (y, c), config=config, state_path=state).val_loss == whole_history.val_loss
+    from_file = fit(estimator(), (y, c), config=config, state_path=tmp_path / "after3.pt")
+    assert from_file.val_loss == whole_history.val_loss
+    with pytest.raises(TrainingStateError, match="state in memory is that of another training"):
+        fit(estimator(), (y, c), config=replace(config, learning_rate=3e-3), state_path=state)
+    with pytest.raises(ValueError, match="no training state recorded yet"):
+        InMemoryState().write(tmp_path / "none.pt")
