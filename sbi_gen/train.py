@@ -629,7 +629,8 @@ class InMemoryState:
     def load(self) -> dict[str, Any] | None:
         if self._saved is not None and self._saved["fingerprint"] != self.fingerprint:
             raise TrainingStateError("the state in memory is that of another training (estimator, settings or data differ)")
-        return self._saved
+        # A copy: the training resumed from it updates its tensors and lists in place.
+        return copy.deepcopy(self._saved)
 
     def save(self, state: dict[str, Any]) -> None:
         if self.recording:
