@@ -96,9 +96,10 @@ def _as_training_data(data: Any) -> tuple[Tensor, Tensor, dict[str, Any]]:
 # ``benchmarks/c2st_floor.py``), against 0.525 ± 0.003 when the race kept the MAF and sbi's NPE
 # 0.523 ± 0.007; two_moons and slcp unchanged (the same NSF is trained). The race on fewer
 # simulations (``_race_epochs``: at least 50 steps per family) still kept the NSF on two_moons
-# (300 and 1,000 simulations), slcp (1,000) and the particle simulator (2,000). The race costs 3
-# epochs of each family, one thread: 1.3 s of a 32–39 s two_moons fit, 1.7 s of 20–22 s on slcp
-# (16-bin NSF defaults), 1.9–2.2 s of 2.3–2.7 s on gaussian_linear (the Gaussian's own training is a fraction of a second).
+# (300 and 1,000 simulations), slcp (1,000) and the particle simulator (2,000). The winner goes
+# on from its race's training state, so the race costs the other families' 3 epochs, one thread:
+# the MAF's 0.5 s and the Gaussian's 0.06 s of a 30–32 s two_moons fit and of a 21 s slcp fit;
+# on gaussian_linear, where the Gaussian is kept, the NSF's 1.9 s of a 2.5 s fit.
 AUTO = "auto"
 AUTO_FAMILIES = ("nsf", "maf", "gaussian")
 

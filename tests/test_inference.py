@@ -361,16 +361,16 @@ def test_auto_keeps_the_family_with_the_lower_validation_loss(tmp_path):
     # One Gaussian over two equal modes of width s at ±1 costs 0.5 log((1 + s²) / s²) - log 2
     # nats more than the truth: 3 nats at θ = ±1 (s ≈ 0.05 / 2); a learned NSF is not exact.
     assert losses["maf"] > losses["nsf"] + 0.5 and losses["gaussian"] > losses["nsf"] + 0.5
-    # The winner is trained again in full from the random state the race started from: the
-    # same model as NPE(prior, "nsf") trained alone.
+    # The winner goes on from its race's training state to the end: the same model, bit for bit,
+    # as NPE(prior, "nsf") trained alone.
     torch.manual_seed(0)
     alone = NPE(prior, "nsf")
     alone_history = alone.fit((data["theta"], data["x"]), config=config)
     assert history.val_loss == alone_history.val_loss and len(history.val_loss) > 13
     for a, b in zip(npe.estimator.state_dict().values(), alone.estimator.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-    # The winner goes on from its race's state rather than training those epochs again; with a
-    # state file of the user's, that state is copied there first: the same model either way.
+    # With a state file of the user's, the winner's race state is written there first and the
+    # training goes on in it: the same model again.
     resumable = NPE(prior)
     resumable.fit((data["theta"], data["x"]), config=config, state_path=tmp_path / "state" / "training.pt")
     assert resumable.history.val_loss == history.val_loss and (tmp_path / "state" / "training.pt").exists()
