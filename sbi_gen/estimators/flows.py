@@ -429,7 +429,10 @@ class NSF(ConditionalEstimator):
     40 % cheaper, validation loss −2.514); 4 transforms, 0.537. Lowering the rate sooner
     (``lr_patience=2``, or a plateau threshold of 0.02 nats) stopped seed 0 after 88–95 epochs
     at 0.56, and doubling the batch (up to 2,048) instead of halving the rate on a plateau gave
-    0.559 (62–173 epochs): with Adam a larger batch did not do what a lower rate does.
+    0.559 (62–173 epochs): with Adam a larger batch did not do what a lower rate does. With the
+    current spline, gradients clipped at 1 instead of 5 gave 0.538 (92–119 epochs, validation
+    loss −2.541) and ``lr_patience=6`` 0.533 (84–127, −2.534): within the run-to-run spread of
+    the defaults, so neither was adopted.
     (96, 96) conditioners were as good by C2ST and 15 % faster, but their validation loss was
     higher on 3 of 4 seeds. On slcp (same protocol) the defaults scored 0.833 (0.838 0.798 0.896
     0.800) against 0.841 for 8 bins to the last fall, in 43–52 epochs against 47–62 (17–20 s),
