@@ -436,7 +436,8 @@ class NSF(ConditionalEstimator):
     (96, 96) conditioners were as good by C2ST and 15 % faster, but their validation loss was
     higher on 3 of 4 seeds. On slcp (same protocol) the defaults scored 0.833 (0.838 0.798 0.896
     0.800) against 0.841 for 8 bins to the last fall, in 43–52 epochs against 47–62 (17–20 s),
-    with a validation loss 0.02 nats higher on average. NLE with an NSF uses the same
+    with a validation loss 0.02 nats higher on average; with the current spline 0.839 (0.844
+    0.808 0.908 0.798; 50–53 epochs, 20–23 s). NLE with an NSF uses the same
     defaults, not measured there.
 
     Arguments:
