@@ -381,8 +381,8 @@ class _Method(abc.ABC):
         race = {name: history.best_val_loss for name, (history, _) in fitted.items()}
         race_seconds = time.perf_counter() - race_started
         # A race as long as the whole training already trained the winner, except for the state
-        # file a resumable run keeps: then the winner's training resumes from its race's state,
-        # which writes it.
+        # file a resumable run keeps: then the race's state is written there, and the winner's
+        # training, resumed from it, has no epoch left to run.
         if interrupted or (whole and state_path is None):
             self.history, self.estimator = fitted[best]
             self.estimator_name, self.x_shape = best, x_shape
