@@ -5,9 +5,9 @@ method (TASK two_moons unless `--task` says otherwise): simulates 10,000 pairs w
 `NPE(prior, "nsf")` with the NSF's training defaults plus the given overrides (training seed
 S), draws 10,000 posterior samples per observation and scores them against the reference
 posterior with C2ST (`sbi_gen.c2st.c2st`, 2,000 samples per set). It prints one JSON line per
-run, with the best validation loss after 20, 40, ... epochs (the curve), and appends it to
-`--out`. Runs of one seed start from the same initial weights, so curves of different
-settings are paired.
+run, with the best validation loss after 20, 40, ... epochs (the curve) and the epochs where
+the plateau schedule lowered the learning rate, and appends it to `--out`. Runs of one seed
+start from the same initial weights, so curves of different settings are paired.
 
 Usage:
     python benchmarks/study_nsf_stopping.py --name defaults --seeds 0 1 2 3
@@ -50,6 +50,8 @@ def run(name: str, train: dict, nsf: dict, seed: int, task_name: str = "two_moon
     return {"name": name, "task": task_name, "seed": seed, "train": train, "nsf": nsf, "train_s": round(train_s, 1), "epochs": len(val),
             "best_val_loss": round(float(history.best_val_loss), 4),
             "curve": {e: round(float(val[:e].min()), 4) for e in range(20, len(val) + 1, 20)},
+            # Epochs whose learning rate is lower than the epoch before's (the plateau's decays).
+            "lr_drops": [e for e in range(1, len(val)) if history.learning_rate[e] < history.learning_rate[e - 1]],
             "c2st": round(float(np.mean(scores)), 4), "c2st_each": [round(s, 3) for s in scores]}
 
 
