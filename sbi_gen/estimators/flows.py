@@ -419,12 +419,12 @@ class NSF(ConditionalEstimator):
     (:class:`_SplineCallAndLadj`). Each changed float32 rounding and so each run's path, and
     with it the epoch where the stop falls: the same defaults gave 0.553 0.544 0.502 0.524
     (113–127 epochs) with the first spline and 0.537 0.555 0.492 0.536 (mean 0.530, 115–141
-    epochs, best validation loss −2.538) with the stacked one. Rounding alone moves the mean
-    over these 4 seeds by ±0.006 and seed 0 by 0.026 (118 epochs, −2.513, against 141, −2.54).
+    epochs, best validation loss −2.538) with the stacked one. Rounding alone moved the mean
+    over these 4 seeds by up to 0.006 and seed 0 by 0.026 (118 epochs, −2.513, against 141, −2.54).
     The default fit of two_moons (``compare_sbi.py --methods ours-npe``, race included, alone on
     the machine) took 32.3, 31.6, 31.5 and 29.8 s on seeds 0–3, against 59.3 s (230 epochs) on
     seed 0 with 8 bins to the last fall.
-    Also tried with 16 bins, 4 seeds (while the spline changed, so ±0.006): ``min_delta`` 0.01,
+    Also tried with 16 bins, 4 seeds (while the spline changed, so within about 0.006): ``min_delta`` 0.01,
     0.536 in 83–111 epochs; 90 epochs, 0.540; 3 transforms, 0.534 in 112–148 epochs (an epoch
     40 % cheaper, validation loss −2.514); 4 transforms, 0.537. Lowering the rate sooner
     (``lr_patience=2``, or a plateau threshold of 0.02 nats) stopped seed 0 after 88–95 epochs
