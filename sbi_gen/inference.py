@@ -350,8 +350,11 @@ class _Method(abc.ABC):
         # goes on from it instead of running the race's epochs again: a resumed training ends
         # exactly as an uninterrupted one (``fit``), so the kept model is the same. Not with a
         # cosine schedule (the race's shorter max_epochs shapes its learning rates) nor under
-        # torchrun (no training states there).
-        resumable = config.lr_schedule != "cosine" and process_info().world_size == 1
+        # torchrun (no training states there); nor when the race is the whole training and no
+        # state file is asked for (the raced winner is kept as it is).
+        resumable = (
+            config.lr_schedule != "cosine" and process_info().world_size == 1 and not (whole and state_path is None)
+        )
         race_states = {name: InMemoryState() for name in self.auto_families} if resumable else {}
         race_started = time.perf_counter()
         for name in self.auto_families:

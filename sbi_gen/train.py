@@ -133,7 +133,7 @@ class TrainConfig:
             training seeds, ``benchmarks/study_nsf_defaults.py``) C2ST went from 0.558 in 70 s
             with 0 to 0.563 in 46 s with 0.002 and 0.566 in 36 s with 0.005 nats; 16-bin NSFs
             learn the posterior in fewer epochs, and 0.005 (their default) halved the time
-            at the same C2ST (see :class:`~sbi_gen.estimators.NSF`).
+            at about the same C2ST (see :class:`~sbi_gen.estimators.NSF`).
     """
 
     batch_size: int = 256
