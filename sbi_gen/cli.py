@@ -730,7 +730,7 @@ def _training_options(parser: argparse.ArgumentParser, defaults: str) -> None:
     parser.add_argument("--patience", type=_positive_int, default=None, help=f"epochs without improvement before stopping ({default})")
     parser.add_argument("--min-delta", type=_non_negative_float, default=None,
                         help="fall of the validation loss that counts as improvement: faster, less accurate "
-                        "(default: the estimator's, 0.005 for nsf, 0 (any fall) for the others)")
+                        "(default: the estimator's, 0.015 for nsf and auto, 0.005 for ensemble, 0 (any fall) for the others)")
     parser.add_argument("--seed", type=_seed, default=0)
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
 

@@ -92,14 +92,15 @@ def _as_training_data(data: Any) -> tuple[Tensor, Tensor, dict[str, Any]]:
 # linear Gaussian is the exact family, with 165 parameters against the flows' tens of thousands,
 # which only add variance there; neither it nor the MAF can fit two_moons' crescents or slcp's
 # modes. C2ST over those 4 seeds (3 observations each): gaussian_linear 0.499 ± 0.001 with the
-# race, at the floor of exact draws against exact draws (0.502 ± 0.002,
+# race (0.500 ± 0.001 since the NSF's defaults, which every raced family trains with, doubled
+# the rate), at the floor of exact draws against exact draws (0.502 ± 0.002,
 # ``benchmarks/c2st_floor.py``), against 0.525 ± 0.003 when the race kept the MAF and sbi's NPE
 # 0.523 ± 0.007; two_moons and slcp unchanged (the same NSF is trained). The race on fewer
 # simulations (``_race_epochs``: at least 50 steps per family) still kept the NSF on two_moons
 # (300 and 1,000 simulations), slcp (1,000) and the particle simulator (2,000). The winner goes
 # on from its race's training state, so the race costs the other families' 3 epochs, one thread:
-# the MAF's 0.5 s and the Gaussian's 0.06 s of a 30–32 s two_moons fit and of a 21 s slcp fit;
-# on gaussian_linear, where the Gaussian is kept, the NSF's 1.9 s of a 2.5 s fit.
+# the MAF's 0.5 s and the Gaussian's 0.06 s of a 16–21 s two_moons fit and of a 17 s slcp fit;
+# on gaussian_linear, where the Gaussian is kept, the NSF's 1.9 s of a 2.4 s fit.
 AUTO = "auto"
 AUTO_FAMILIES = ("nsf", "maf", "gaussian")
 
