@@ -624,7 +624,7 @@ class InMemoryState:
         3
     """
 
-    def __init__(self, recording: bool = True):
+    def __init__(self, recording: bool = True) -> None:
         self.recording = recording
         self.fingerprint = ""
         self._saved: dict[str, Any] | None = None
