@@ -179,7 +179,7 @@ def gpu_section(args: argparse.Namespace, paths: list[str]) -> None:
     cosmology = simulators.get("cosmology", n_pix=args.gpu_map_pixels)
     workloads = [
         (f"NPE on two_moons, {args.gpu_n:,} simulations, NSF 5 x (128, 128), batch 256",
-         moons, args.gpu_n, 256, lambda device: NPE(moons.prior, estimator_kwargs={"transforms": 5, "hidden_features": [128, 128]},
+         moons, args.gpu_n, 256, lambda device: NPE(moons.prior, "nsf", estimator_kwargs={"transforms": 5, "hidden_features": [128, 128]},
                                                      device=device)),
         (f"NPE on cosmology maps {args.gpu_map_pixels}x{args.gpu_map_pixels}, {args.gpu_maps:,} simulations, "
          "NSF with the default CNN embedding, batch 128",

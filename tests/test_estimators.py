@@ -488,6 +488,39 @@ def test_gaussian_starts_at_the_least_squares_maximum_likelihood_fit():
     assert torch.isfinite(singular(c[:5]).log_prob(exact[:5])).all() and torch.isfinite(singular.scale_tril()).all()
 
 
+def test_gaussian_start_on_an_untrained_embedding_is_a_bounded_ridge_fit():
+    """An untrained CNN's features are tiny and nearly collinear: least squares on them would fit
+    noise with weights near 1e5 and a float32 density off by 0.03 nats. The ridge start bounds
+    each standardized weight vector by sd(z) / (2 sqrt(penalty)) (the largest of s / (s^2 + n a)
+    times ||z|| is ||z|| / (2 sqrt(n a))), so float32 and float64 densities agree."""
+    from sbi_gen.estimators.gaussian import _RIDGE_TRAINED_EMBEDDING, _ridge_start
+
+    torch.manual_seed(0)
+    est = small("gaussian", condition="map")
+    y, c = torch.randn(256, 2), conditions("map", 256)
+    est.set_standardization(y, c)
+    with torch.no_grad():
+        h = est.embed(c).double()
+        z = (y.double() - est.y_mean.double()) / est.y_std.double()
+    standardized = est.mean.weight.double() * h.std(0)  # (D, F): per unit of a feature's spread
+    bound = z.std(0, correction=0) / (2 * math.sqrt(_RIDGE_TRAINED_EMBEDDING))
+    assert (standardized.norm(dim=1) <= bound * 1.001).all()
+    as_float64 = small("gaussian", condition="map").double()
+    as_float64.load_state_dict({k: v.double() for k, v in est.state_dict().items()})
+    draws = est(c[:8]).sample((5,))
+    torch.testing.assert_close(est(c[:8]).log_prob(draws).double(), as_float64(c[:8].double()).log_prob(draws.double()),
+                               atol=1e-3, rtol=0)
+    # On well-conditioned features the penalty shrinks each standardized weight by about 1e-3 of
+    # itself: here at most 1e-3 x 6 (the largest, 2 x sd 3) / 3 (sd of h) = 2e-3 in h's units.
+    generator = torch.Generator().manual_seed(1)
+    h = 2.0 + 3.0 * torch.randn(2000, 4, generator=generator, dtype=torch.float64)
+    z = h @ torch.tensor([[1.0, 0.0], [0.5, -1.0], [0.0, 2.0], [0.2, 0.1]], dtype=torch.float64) + 1.0
+    z = z + torch.randn(2000, 2, generator=generator, dtype=torch.float64)
+    design = torch.cat([h, torch.ones(2000, 1, dtype=torch.float64)], dim=1)
+    exact = torch.linalg.lstsq(design, z).solution
+    torch.testing.assert_close(_ridge_start(h, z)[:-1], exact[:-1], atol=2e-3, rtol=0.0)
+
+
 def test_ensemble_is_the_equal_mixture_of_its_members_and_refuses_useless_families():
     torch.manual_seed(0)
     est = small("ensemble", y_dim=2)

@@ -10,7 +10,9 @@ fast, few-parameter baseline elsewhere.
 Its maximum-likelihood fit has a closed form, least squares of :math:`z` on :math:`(h, 1)`
 with the residual covariance, and :meth:`Gaussian.set_standardization` starts from it, so
 training begins at the optimum for fixed :math:`h` and only an embedding with weights has
-anything left to learn. With :math:`D(F + 1) + D(D + 1)/2` parameters it cannot overfit the
+anything left to learn. With such an embedding, whose untrained features are nearly collinear,
+the start is a ridge fit instead (penalized on z-scored features), so that its weights stay of
+the data's scale. With :math:`D(F + 1) + D(D + 1)/2` parameters it cannot overfit the
 way a flow with tens of thousands does: on ``gaussian_linear`` at 10,000 simulations its C2ST
 is at the floor two sets of exact draws reach, where the flows stop about 0.02 above it (see
 :mod:`sbi_gen.inference`, whose ``"auto"`` races it against the flows).
@@ -34,6 +36,13 @@ __all__ = ["Gaussian"]
 # Rows of the closed-form fit when the embedding has weights: the fit is then only a start
 # (the embedding is still untrained), and embedding every map of a large set would cost minutes.
 _INIT_ROWS_TRAINED_EMBEDDING = 4096
+# Ridge penalty, per row, of the start when the embedding has weights, on z-scored features.
+# Untrained features are tiny and nearly collinear (an untrained CNN's: standard deviations
+# near 0.003, a condition number near 1e6), and plain least squares on them fits noise with
+# weights near 1e5, whose float32 cancellation costs 0.03 nats and whose size multiplies every
+# gradient reaching the embedding. With this penalty a standardized weight is at most
+# 1 / (2 sqrt(1e-3)) ~ 16 standard deviations of z per standard deviation of a feature.
+_RIDGE_TRAINED_EMBEDDING = 1e-3
 # Added to the residual covariance's diagonal (standardized units, where it is at most 1), and
 # raised tenfold until its Cholesky factor exists, only when it is singular: a coordinate of y
 # that is an exact affine function of the condition, or fewer rows than dimensions.
@@ -47,7 +56,7 @@ class Gaussian(ConditionalEstimator):
     :math:`W`, :math:`b` and :math:`L` to the maximum-likelihood fit on the same rows: least
     squares of the standardized :math:`y` on the embedded condition and a constant, and the
     Cholesky factor of the residuals' covariance. Training then refines it (and trains the
-    embedding, if it has weights). Sampling and ``log_prob`` are one matrix product each.
+    embedding, if it has weights: the start is then a ridge fit on the untrained features). Sampling and ``log_prob`` are one matrix product each.
 
     Arguments:
         y_dim: Dimension of :math:`y`.
@@ -111,13 +120,17 @@ class Gaussian(ConditionalEstimator):
         y, c = torch.as_tensor(y), torch.as_tensor(c)
         u = self._prior_transform(y.device, torch.float64).inv(y.to(torch.float64)) if self.y_prior else y
         ok = (torch.isfinite(u).all(dim=-1) & _finite_rows(c)).nonzero().squeeze(-1)
-        if any(p.requires_grad for p in self.embedding.parameters()):
+        trained_embedding = any(p.requires_grad for p in self.embedding.parameters())
+        if trained_embedding:
             ok = ok[:_INIT_ROWS_TRAINED_EMBEDDING]
         z = ((u[ok].to(torch.float64) - self.y_mean.double().to(u.device)) / self.y_std.double().to(u.device)).cpu()
         h = torch.cat([self.embed(c[ok[i : i + _STATS_CHUNK]]).double().cpu() for i in range(0, len(ok), _STATS_CHUNK)])
         design = torch.cat([h, torch.ones(len(h), 1, dtype=torch.float64)], dim=1)
-        # gelsd: the least-norm solution when h has fewer rows than columns or repeated features.
-        solution = torch.linalg.lstsq(design, z, driver="gelsd").solution  # (F + 1, D)
+        if trained_embedding:
+            solution = _ridge_start(h, z)
+        else:
+            # gelsd: the least-norm solution when h has fewer rows than columns or repeated features.
+            solution = torch.linalg.lstsq(design, z, driver="gelsd").solution  # (F + 1, D)
         residuals = z - design @ solution
         covariance = residuals.T @ residuals / len(z)
         factor, singular = torch.linalg.cholesky_ex(covariance)
@@ -130,3 +143,14 @@ class Gaussian(ConditionalEstimator):
         self.mean.bias.copy_(solution[-1].to(device=device, dtype=dtype))
         self.log_scale.copy_(factor.diagonal().log().to(device=device, dtype=dtype))
         self.scale_lower.copy_(factor[self._tril_rows.cpu(), self._tril_cols.cpu()].to(device=device, dtype=dtype))
+
+
+def _ridge_start(h: Tensor, z: Tensor) -> Tensor:
+    """Ridge regression of ``z`` on ``(h, 1)``, penalized on z-scored features and mapped back to
+    ``h``'s units: ``(F + 1, D)``, the constant's row last (as ``lstsq`` of the design returns)."""
+    h_mean, h_std = h.mean(0), h.std(0)
+    h_std = torch.where(h_std > 0, h_std, torch.ones_like(h_std))  # a constant feature gets weight 0
+    features = (h - h_mean) / h_std
+    gram = features.T @ features + _RIDGE_TRAINED_EMBEDDING * len(h) * torch.eye(h.shape[1], dtype=h.dtype)
+    weight = torch.linalg.solve(gram, features.T @ (z - z.mean(0))) / h_std[:, None]  # (F, D)
+    return torch.cat([weight, (z.mean(0) - h_mean @ weight)[None]])
