@@ -56,7 +56,8 @@ class Gaussian(ConditionalEstimator):
     :math:`W`, :math:`b` and :math:`L` to the maximum-likelihood fit on the same rows: least
     squares of the standardized :math:`y` on the embedded condition and a constant, and the
     Cholesky factor of the residuals' covariance. Training then refines it (and trains the
-    embedding, if it has weights: the start is then a ridge fit on the untrained features). Sampling and ``log_prob`` are one matrix product each.
+    embedding, if it has weights: the start is then a ridge fit on the untrained features).
+    Sampling and ``log_prob`` are one matrix product each.
 
     Arguments:
         y_dim: Dimension of :math:`y`.
