@@ -18,7 +18,7 @@ def test_demo_runs_end_to_end_and_writes_a_corner_plot(tmp_path):
         capture_output=True, text=True, timeout=600, cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr
-    for fragment in ("== 1. simulate", "== 2. train", "== 3. posterior", "68% interval", "corner plot written to",
+    for fragment in ("== 1. simulate", "== 2. train", "== 3. posterior", "68% interval", "highest-density region", "corner plot written to",
                      "== 4. calibration on 60 fresh simulations", "SBC:", "HPD coverage", "TARP", "interval holds the truth"):
         assert fragment in proc.stdout, (fragment, proc.stdout)
     png = tmp_path / "particle_corner.png"
