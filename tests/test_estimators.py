@@ -432,11 +432,15 @@ def test_flow_inverse_pass_by_pass_equals_zukos(name, passes):
     extra = {"bins": est.bins} if name == "nsf" else {}
     reference = flow_class(5, est.context_features, transforms=3, hidden_features=[16, 16], passes=passes, **extra)
     reference.load_state_dict(est.flow.state_dict())
-    c = torch.randn(7, est.context_features)
-    z = torch.randn(30, 7, 5)
-    ours, theirs = est.flow(c).transform.inv(z), reference(c).transform.inv(z)
-    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(est.flow(c).transform(ours), z, atol=1e-4, rtol=1e-4)  # a true inverse
+    # Draws per condition (the first pass then evaluates one network row per condition), one
+    # condition for all draws, and as many conditions as draws.
+    for n_conditions, z_shape in ((7, (30, 7, 5)), (1, (30, 5)), (7, (7, 5))):
+        c = torch.randn(n_conditions, est.context_features)
+        z = torch.randn(*z_shape)
+        ours, theirs = est.flow(c).transform.inv(z), reference(c).transform.inv(z)
+        assert ours.shape == theirs.shape == z.shape
+        torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(est.flow(c).transform(ours), z, atol=1e-4, rtol=1e-4)  # a true inverse
     # Reparameterized draws keep their gradients.
     draws = est.flow(c).rsample((3,))
     draws.square().sum().backward()
