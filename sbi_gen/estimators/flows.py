@@ -25,12 +25,14 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 import zuko
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torch.distributions import Distribution
 from zuko.flows.autoregressive import MaskedAutoregressiveTransform
+from zuko.nn import MaskedLinear
 from zuko.transforms import AutoregressiveTransform, MonotonicRQSTransform, Transform
 from zuko.utils import broadcast, unpack
 
@@ -241,6 +243,22 @@ class _RQSTransform(MonotonicRQSTransform):
         return _SplineCallAndLadj.apply(x, widths, heights, derivatives, self.bound, self.log_slope)
 
 
+def _group_parameters(module: MaskedAutoregressiveTransform, inputs: Tensor, features: Tensor) -> Tensor:
+    """The univariate parameters of ``features`` alone, ``(*, len(features), total)``: the
+    network's last layer computes only their rows (a pass needs one group's parameters, and in
+    ``D`` dimensions that layer, ``D`` times wider than the hidden ones, holds most of the work)."""
+    hyper = module.hyper
+    last = hyper[-1] if isinstance(hyper, nn.Sequential) and len(hyper) > 1 else None
+    if not isinstance(last, MaskedLinear):  # another network: all outputs, then the group's
+        return hyper(inputs).unflatten(-1, (-1, module.total)).index_select(-2, features)
+    rows = (features[:, None] * module.total + torch.arange(module.total, device=features.device)).flatten()
+    hidden = inputs
+    for layer in list(hyper)[:-1]:  # slicing would rebuild zuko's MaskedMLP from its layers
+        hidden = layer(hidden)
+    weight = (last.weight * last.mask).index_select(0, rows)
+    return F.linear(hidden, weight, last.bias.index_select(0, rows)).unflatten(-1, (len(features), module.total))
+
+
 class _PassByPassInverse(AutoregressiveTransform):
     """An autoregressive transform whose inverse solves, in each pass, only the features it fixes.
 
@@ -250,10 +268,12 @@ class _PassByPassInverse(AutoregressiveTransform):
     the features of autoregressive group ``p`` from the groups before it, as zuko's does.
 
     The first group depends on the condition alone, so its pass evaluates the network once per
-    condition rather than once per draw: 4,096 draws of one condition from the default 2-D NSF
-    took 39 instead of 84 ms (zuko: 89 ms; 10-D 611 instead of 679 ms, zuko 1,133 ms), NPE on
-    two_moons draws 10,000 posterior samples in 0.10 instead of 0.14 s (one thread,
-    ``benchmarks/bench_flows.py`` and ``benchmarks/compare_sbi.py``).
+    condition rather than once per draw; and each pass computes only its group's rows of the
+    network's last layer (:func:`_group_parameters`). 4,096 draws of one condition from the
+    default NSF, one thread (``benchmarks/bench_flows.py``): 2-D 84 → 39 ms with the first,
+    34 ms with both (zuko: 89 ms); 10-D 679 → 611 → 237 ms (zuko: 1,133–1,267 ms). NPE's
+    10,000 posterior draws per observation (``benchmarks/compare_sbi.py``): two_moons 0.14 →
+    0.10 s, slcp 0.48 → 0.33 s (sbi's MAF: 0.09 and 0.31 s).
     """
 
     def __init__(self, module: MaskedAutoregressiveTransform, context: Tensor | None):
@@ -271,11 +291,11 @@ class _PassByPassInverse(AutoregressiveTransform):
                 # The first group depends on the context alone: one network row per condition,
                 # not per draw (10,000 draws of one posterior evaluate one row in this pass).
                 inputs = torch.cat((x.new_zeros(*context.shape[:-1], x.shape[-1]), context), dim=-1)
-                phi = module.hyper(inputs).unflatten(-1, (-1, module.total)).index_select(-2, features)
+                phi = _group_parameters(module, inputs, features)
                 phi = phi.expand(*torch.broadcast_shapes(phi.shape[:-2], y.shape[:-1]), *phi.shape[-2:])
             else:
                 inputs = x if context is None else torch.cat(broadcast(x, context, ignore=1), dim=-1)
-                phi = module.hyper(inputs).unflatten(-1, (-1, module.total)).index_select(-2, features)
+                phi = _group_parameters(module, inputs, features)
             solved = module.univariate(*unpack(phi, module.shapes)).inv(y.index_select(-1, features))
             x = x.index_copy(-1, features, solved)
         return x
