@@ -9,7 +9,8 @@ Runs on the embedded defaults in a few minutes on a 2-core laptop::
 2. trains neural posterior estimation (a neural spline flow) and saves it;
 3. samples the posterior of the first shipped observation in ``data/observations/particle.h5``,
    prints the posterior mean and 68% intervals against the true parameters and the
-   highest-density region whose boundary the truth lies on, and writes a corner plot (``data/demo/particle_corner.png``);
+   highest-density region whose boundary the truth lies on, and writes a corner plot
+   (``data/demo/particle_corner.png``);
 4. checks calibration on fresh simulations (``--n-check``, default 200; 0 skips it): SBC,
    expected coverage, TARP and a posterior predictive check (:func:`sbi_gen.report.diagnose`,
    figures and ``report.json`` in ``data/demo/report``), and how often the central 68% and

@@ -1,6 +1,7 @@
 """The README's main command, shrunk: simulate → train → sample → corner plot, in a real process."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -21,6 +22,8 @@ def test_demo_runs_end_to_end_and_writes_a_corner_plot(tmp_path):
     for fragment in ("== 1. simulate", "== 2. train", "== 3. posterior", "68% interval", "highest-density region", "corner plot written to",
                      "== 4. calibration on 60 fresh simulations", "SBC:", "HPD coverage", "TARP", "interval holds the truth"):
         assert fragment in proc.stdout, (fragment, proc.stdout)
+    level = re.search(r"boundary of the (\d+)% highest-density region", proc.stdout)
+    assert level is not None and 0 <= int(level.group(1)) <= 100, proc.stdout
     png = tmp_path / "particle_corner.png"
     assert str(png) in proc.stdout
     with Image.open(png) as image:
