@@ -30,7 +30,7 @@ import torch
 import simulators
 from sbi_gen.checkpoint import save
 from sbi_gen.cli import posterior_summary
-from sbi_gen.diagnostics import central_interval_coverage
+from sbi_gen.diagnostics import central_interval_coverage, hpd_level
 from sbi_gen.inference import NPE
 from sbi_gen.parallel import default_workers
 from sbi_gen.plots import corner, save_figure
@@ -38,7 +38,7 @@ from sbi_gen.report import diagnose
 from sbi_gen.simulate import simulate
 from sbi_gen.store import load, simulate_to_hdf5
 
-__all__ = ["hpd_level", "interval_coverage", "main", "run_demo"]
+__all__ = ["interval_coverage", "main", "run_demo"]
 
 OBSERVATIONS = Path(__file__).resolve().parent.parent / "data" / "observations" / "particle.h5"
 
@@ -105,20 +105,6 @@ def run_demo(
         print(interval_coverage(report["sbc"]["ranks"], report["sbc"]["n_samples"], simulator.prior.labels))
         print(f"{'calibrated' if report['calibrated'] else 'NOT calibrated'}; figures and report.json in {out / 'report'}")
     return {"samples": samples, "theta_true": theta_true, "out": out, "corner": corner_path, "report": report}
-
-
-def hpd_level(sample_log_probs: torch.Tensor, truth_log_prob: torch.Tensor) -> float:
-    """The credibility of the smallest highest-posterior-density region holding the truth: the
-    share of posterior draws denser than it. Uniform on [0, 1] over data drawn from the prior
-    when the posterior is calibrated (the statistic of HPD coverage, for one observation).
-
-    Example:
-        >>> normal = torch.distributions.Normal(0.0, 1.0)
-        >>> draws = torch.randn(100_000, generator=torch.Generator().manual_seed(0))
-        >>> round(hpd_level(normal.log_prob(draws), normal.log_prob(torch.tensor(1.0))), 2)  # one sd out
-        0.68
-    """
-    return float((sample_log_probs > truth_log_prob).double().mean())
 
 
 def interval_coverage(ranks: np.ndarray, n_samples: int, names: list[str], levels: tuple[float, ...] = (0.68, 0.95)) -> str:

@@ -71,6 +71,7 @@ __all__ = [
     "central_interval_coverage",
     "expected_coverage",
     "gaussian_posterior",
+    "hpd_level",
     "posterior_draws",
     "posterior_predictive_check",
     "sbc",
@@ -497,6 +498,20 @@ class SBCResult:
         out["ks_p_values"] = self.ks_p_values.tolist()
         out.update(passed=self.passed, verdict=self.verdict)
         return out
+
+
+def hpd_level(sample_log_probs: torch.Tensor, truth_log_prob: torch.Tensor) -> float:
+    """The credibility of the smallest highest-posterior-density region holding the truth: the
+    share of posterior draws denser than it. Uniform on [0, 1] over data drawn from the prior
+    when the posterior is calibrated (the statistic :func:`expected_coverage` tests over many observations).
+
+    Example:
+        >>> normal = torch.distributions.Normal(0.0, 1.0)
+        >>> draws = torch.randn(100_000, generator=torch.Generator().manual_seed(0))
+        >>> round(hpd_level(normal.log_prob(draws), normal.log_prob(torch.tensor(1.0))), 2)  # one sd out
+        0.68
+    """
+    return float((sample_log_probs > truth_log_prob).double().mean())
 
 
 def central_interval_coverage(ranks: Any, n_samples: int, levels: Sequence[float] = (0.68, 0.95)) -> np.ndarray:
